@@ -1,0 +1,31 @@
+"""Build slimtron and its C++ extension slimtron._C (indexed dataset builder, index helpers)."""
+import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext = Pybind11Extension(
+    "slimtron._C",
+    sorted(glob.glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=return-type"],
+)
+
+setup(
+    name="slimtron",
+    version="0.1.0",
+    description="A readable Megatron-style 3D-parallel pretraining engine for GPT/Llama models",
+    packages=find_packages(include=["slimtron", "slimtron.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    # torch is deliberately unpinned here; install steps put a build of torch in place first
+    # (see README) so that pip never pulls a CUDA wheel on a CPU machine.
+    install_requires=["torch>=2.4", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors"],
+    extras_require={
+        "test": ["pytest", "transformers", "megatron-core", "zstandard", "tensorboard"],
+        "data": ["zstandard"],
+    },
+    zip_safe=False,
+)

@@ -106,6 +106,7 @@ class OptimizerConfig:
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"  # constant | linear | cosine
     lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None  # of lr_decay_iters; excludes lr_warmup_iters
     lr_decay_iters: Optional[int] = None  # default train_iters
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -137,6 +138,7 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    mock_data: bool = False  # synthetic tokens instead of --data-path
 
 
 @dataclass

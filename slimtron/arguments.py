@@ -165,7 +165,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     """Parse Megatron-style flags (``sys.argv[1:]`` when ``argv`` is None) into a Config."""
-    ns = build_parser().parse_args(argv)
+    return config_from_namespace(build_parser().parse_args(argv))
+
+
+def config_from_namespace(ns: argparse.Namespace) -> Config:
+    """The Config of a namespace from ``build_parser`` (tools add their own flags to it)."""
     given = {k: v for k, v in vars(ns).items() if v is not None}
     model = _model_config(given, ns.preset)
     sections = {"model": model}

@@ -1,0 +1,58 @@
+"""Compute kernels with optional fused implementations, chosen at import time.
+
+flash-attn is used for attention on CUDA half-precision tensors when importable; otherwise
+``F.scaled_dot_product_attention``. apex's fused norms are used on CUDA when importable; otherwise
+``F.layer_norm`` / ``F.rms_norm``. Neither library is ever required.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # pragma: no cover - depends on the machine
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+try:  # pragma: no cover - depends on the machine
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine as _apex_layer_norm
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _apex_rms_norm
+except Exception:  # noqa: BLE001
+    _apex_layer_norm = _apex_rms_norm = None
+
+HAVE_FLASH_ATTN = _flash_attn_func is not None
+HAVE_APEX_NORM = _apex_layer_norm is not None
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal softmax attention. q ``[s, b, heads, d]``; k, v ``[s, b, groups, d]`` where each
+    group serves ``heads / groups`` consecutive query heads. Returns ``[s, b, heads * d]``."""
+    s, b, heads, d = q.shape
+    if _use_flash(q):  # pragma: no cover - CUDA only
+        out = _flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                               dropout_p=dropout_p, causal=True)
+        return out.transpose(0, 1).reshape(s, b, heads * d)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    per_group = heads // k.shape[1]
+    if per_group > 1:
+        k = k.repeat_interleave(per_group, dim=1)
+        v = v.repeat_interleave(per_group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    if HAVE_APEX_NORM and x.is_cuda:  # pragma: no cover - CUDA only
+        return _apex_layer_norm(x, weight, bias, weight.shape, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if HAVE_APEX_NORM and x.is_cuda:  # pragma: no cover - CUDA only
+        return _apex_rms_norm(x, weight, weight.shape, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)

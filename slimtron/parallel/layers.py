@@ -1,0 +1,168 @@
+"""Tensor-parallel layers with Megatron's names and semantics.
+
+Layers create their parameters empty (on any device, ``meta`` included) and tag them with the
+attributes of docs/CONVENTIONS.md; the model fills them afterwards from (seed, global name)
+(``slimtron.model.init``). Shapes come from ``pstate.tp_size``/``tp_rank``, communication from
+``pstate.tp_group`` so a planning state (sizes, no groups) builds the same shapes without talking.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtron.config import ConfigError
+from slimtron.parallel import comm
+
+
+def set_parallel_attributes(param: nn.Parameter, *, full_shape, tensor_model_parallel: bool = False,
+                            partition_dim: int = -1, partition_chunks: int = 1,
+                            sequence_parallel: bool = False, shared_embedding: bool = False) -> None:
+    """Tag ``param`` with the attributes every other module reads (docs/CONVENTIONS.md)."""
+    param.tensor_model_parallel = tensor_model_parallel
+    param.partition_dim = partition_dim if tensor_model_parallel else -1
+    param.partition_chunks = partition_chunks if tensor_model_parallel else 1
+    param.sequence_parallel = sequence_parallel
+    param.shared_embedding = shared_embedding
+    param.full_shape = tuple(full_shape)
+    param.global_name = getattr(param, "global_name", "")
+
+
+def empty_parameter(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(tuple(shape), dtype=dtype, device=device))
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ConfigError(f"{what} ({numerator}) is not divisible by the tensor-model-parallel "
+                          f"size ({denominator})")
+    return numerator // denominator
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table with vocabulary rows split over TP ranks.
+
+    Ids outside this rank's rows give zero vectors; the sum over ranks (all-reduce, or reduce-scatter
+    along the sequence under sequence parallelism) assembles the full lookup. Input ``[b, s]``;
+    output ``[b, s, h]`` after the all-reduce, or ``[s/tp, b, h]`` with ``reduce_scatter_embeddings``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, pstate, *,
+                 reduce_scatter_embeddings: bool = False, params_dtype=torch.float32, device=None):
+        super().__init__()
+        self.tp_group = pstate.tp_group
+        self.num_embeddings = num_embeddings
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
+        per_rank = divide(num_embeddings, pstate.tp_size, "padded vocabulary size")
+        self.vocab_start = pstate.tp_rank * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.weight = empty_parameter((per_rank, embedding_dim), params_dtype, device)
+        set_parallel_attributes(self.weight, full_shape=(num_embeddings, embedding_dim),
+                                tensor_model_parallel=True, partition_dim=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if comm.group_size(self.tp_group) > 1:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local = (ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = F.embedding(ids, self.weight)
+        if self.reduce_scatter_embeddings:
+            return comm.reduce_scatter_to_sequence_parallel(out.transpose(0, 1).contiguous(),
+                                                            self.tp_group)
+        return comm.reduce_from_tp(out, self.tp_group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T + b with A's output rows split over TP ranks: weight ``[out/tp, in]``.
+
+    The input is replicated (its gradient all-reduced), or, under sequence parallelism, arrives as
+    ``[s/tp, b, h]`` and is all-gathered along the sequence first. The output stays split
+    (``[..., out/tp]``) unless ``gather_output``. ``partition_chunks`` > 1 says the full weight is
+    that many stacked blocks, each split separately (SwiGLU [gate; up]); rank r's output is then
+    [gate_r; up_r]. ``skip_weight_param_allocation``: the weight is passed to forward (tied output).
+    """
+
+    def __init__(self, input_size: int, output_size: int, pstate, *, bias: bool = True,
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 partition_chunks: int = 1, skip_weight_param_allocation: bool = False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        if gather_output and (sequence_parallel or partition_chunks > 1):
+            raise ConfigError("ColumnParallelLinear: gather_output cannot be combined with "
+                              "sequence_parallel or partition_chunks > 1")
+        self.tp_group = pstate.tp_group
+        self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
+        self.input_size, self.output_size = input_size, output_size
+        per_rank = divide(output_size, pstate.tp_size * partition_chunks,
+                          "column-parallel output size" + (f" / {partition_chunks} chunks"
+                                                            if partition_chunks > 1 else ""))
+        per_rank *= partition_chunks
+        sharded = dict(tensor_model_parallel=True, partition_dim=0,
+                       partition_chunks=partition_chunks)
+        if skip_weight_param_allocation:
+            self.weight = None
+        else:
+            self.weight = empty_parameter((per_rank, input_size), params_dtype, device)
+            set_parallel_attributes(self.weight, full_shape=(output_size, input_size), **sharded)
+        if bias:
+            self.bias = empty_parameter((per_rank,), params_dtype, device)
+            set_parallel_attributes(self.bias, full_shape=(output_size,), **sharded)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if weight is None:
+            raise ValueError("ColumnParallelLinear built with skip_weight_param_allocation needs "
+                             "the weight passed to forward")
+        if self.sequence_parallel:
+            x = comm.gather_from_sequence_parallel(x, self.tp_group)
+        else:
+            x = comm.copy_to_tp(x, self.tp_group)
+        out = F.linear(x, weight, self.bias)
+        if self.gather_output:
+            out = comm.gather_from_tp(out, self.tp_group)
+        return out
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T + b with A's input columns split over TP ranks: weight ``[out, in/tp]``.
+
+    Each rank's partial product is all-reduced (or reduce-scattered along the sequence under
+    sequence parallelism) and the bias, replicated, is added after the reduction.
+    """
+
+    def __init__(self, input_size: int, output_size: int, pstate, *, bias: bool = True,
+                 input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 params_dtype=torch.float32, device=None):
+        super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ConfigError("RowParallelLinear: sequence_parallel needs input_is_parallel")
+        self.tp_group = pstate.tp_group
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
+        self.input_size, self.output_size = input_size, output_size
+        per_rank = divide(input_size, pstate.tp_size, "row-parallel input size")
+        self.weight = empty_parameter((output_size, per_rank), params_dtype, device)
+        set_parallel_attributes(self.weight, full_shape=(output_size, input_size),
+                                tensor_model_parallel=True, partition_dim=1)
+        if bias:
+            self.bias = empty_parameter((output_size,), params_dtype, device)
+            set_parallel_attributes(self.bias, full_shape=(output_size,),
+                                    sequence_parallel=sequence_parallel)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_tp(x, self.tp_group)
+        out = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            out = comm.reduce_scatter_to_sequence_parallel(out, self.tp_group)
+        else:
+            out = comm.reduce_from_tp(out, self.tp_group)
+        return out if self.bias is None else out + self.bias

@@ -121,10 +121,11 @@ class ParallelState:
         return cls(world_size=world, rank=rank, tp_size=tp, pp_size=pp, dp_size=grid.shape[1],
                    tp_rank=t, pp_rank=p, dp_rank=d, tp_ranks=mine["tensor"],
                    pp_ranks=mine["pipeline"], dp_ranks=mine["data"], mp_ranks=mine["model"],
-                   embedding_ranks=mine["embedding"], device=device or torch.device("cpu"),
+                   embedding_ranks=mine.get("embedding", []),  # middle stages: in none
+                   device=device or torch.device("cpu"),
                    virtual_pp_size=virtual_pp_size, tp_group=handles["tensor"],
                    pp_group=handles["pipeline"], dp_group=handles["data"],
-                   mp_group=handles["model"], embedding_group=handles["embedding"])
+                   mp_group=handles["model"], embedding_group=handles.get("embedding"))
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
@@ -139,7 +140,8 @@ class ParallelState:
         grid = rank_grid(tp * pp * dp, tp, pp)
         groups = group_ranks(grid)
         p, d, t = coordinates(grid, rank)
-        find = {kind: next(r for r in rs if rank in r) for kind, rs in groups.items()}
+        # Middle pipeline stages are in no embedding group.
+        find = {kind: next((r for r in rs if rank in r), []) for kind, rs in groups.items()}
         return cls(world_size=tp * pp * dp, rank=rank, tp_size=tp, pp_size=pp, dp_size=dp,
                    tp_rank=t, pp_rank=p, dp_rank=d, tp_ranks=find["tensor"],
                    pp_ranks=find["pipeline"], dp_ranks=find["data"], mp_ranks=find["model"],

@@ -1,9 +1,14 @@
 """FLOPs per token, device peaks and MFU; the model summary's parameter count and memory split."""
+import importlib.util
+import pathlib
+import re
+import sys
+
 import pytest
 import torch
 
 from slimtron import flops
-from slimtron.config import ModelConfig, model_preset
+from slimtron.config import ConfigError, ModelConfig, model_preset
 
 
 def _megatron_closed_form(m: ModelConfig, seq: int) -> float:
@@ -51,3 +56,77 @@ def test_peak_table_mfu_and_measured_peak():
     assert flops.measured_matmul_peak.cache_info().hits == hits + 1
     with pytest.raises(ValueError, match="no peak FLOP/s for dtype torch.int32"):
         flops.device_peak(torch.int32)
+
+
+# ---- tools/model_summary.py ----------------------------------------------------------------
+
+def _load_tool(name: str):
+    path = pathlib.Path(__file__).parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+model_summary = _load_tool("model_summary")
+GIB = 2 ** 30
+
+
+def _gib(text: str, label: str) -> str:
+    """The GiB figure printed on the line of ``label``."""
+    return re.search(rf"^  {label} +([0-9.]+) GiB$", text, re.M).group(1)
+
+
+def test_llama2_7b_count_and_single_rank_memory(capsys):
+    text = model_summary.main(["--preset", "llama2-7b", "--bf16"])
+    assert "total parameters: 6,738,415,616\n" in text
+    assert capsys.readouterr().out.strip() == text
+    n = 6_738_415_616
+    s, h, a, L = 4096, 4096, 32, 32
+    activations = L * s * h * (34 + 5 * a * s / h)
+    logits = 4 * s * 32000
+    assert _gib(text, "weights") == f"{2 * n / GIB:.2f}"
+    assert _gib(text, "gradients") == f"{4 * n / GIB:.2f}"
+    assert _gib(text, "optimizer state") == f"{12 * n / GIB:.2f}"
+    assert _gib(text, "activations") == f"{(activations + logits) / GIB:.2f}"
+    assert _gib(text, "total") == f"{(18 * n + activations + logits) / GIB:.2f}"
+    assert "fits in 80 GiB of GPU memory: no" in text
+
+
+def test_per_rank_split_tp2_pp2():
+    argv = ["--preset", "llama2-7b", "--tensor-model-parallel-size", "2",
+            "--pipeline-model-parallel-size", "2", "--data-parallel-size", "2", "--bf16",
+            "--use-distributed-optimizer", "--sequence-parallel", "--micro-batch-size", "1"]
+    config = model_summary.config_from_namespace(model_summary.build_summary_parser().parse_args(argv))
+    model_summary.validate(config, 8, check_files=False)
+    total, ranks = model_summary.summarize(config)
+    assert total == 6_738_415_616
+    assert [(r.rank, r.pp_rank, r.tp_rank) for r in ranks] == [(0, 0, 0), (1, 0, 1),
+                                                              (4, 1, 0), (5, 1, 1)]
+    h, f, v = 4096, 11008, 32000
+    layer = (h * 3 * h + h * h + h * 2 * f + f * h) // 2 + 2 * h  # TP-split weights, two norms
+    first = 16 * layer + v * h // 2
+    last = 16 * layer + h + v * h // 2  # final norm, untied output layer
+    assert [r.parameters for r in ranks] == [first, first, last, last]
+    r0, r4 = ranks[0], ranks[2]
+    assert (r0.weights, r0.gradients, r0.optimizer) == (2 * first, 4 * first, 12 / 2 * first)
+    per_layer = 4096 * 1 * h * (34 + 5 * 32 * 4096 / h) / 2  # TP + SP: all of it over t
+    assert r0.activations == 16 * per_layer * 2  # first of two stages: two micro-batches in flight
+    assert r4.activations == 16 * per_layer * 1 + 4 * 4096 * v / 2  # plus fp32 logits
+    # Selective recompute drops the attention-score term; a short step caps what is in flight.
+    config.training.recompute_granularity = "selective"
+    _, ranks = model_summary.summarize(config, num_microbatches=1)
+    assert ranks[0].activations == 16 * 4096 * h * 34 / 2
+    text = model_summary.report(config, total, ranks, 80 * GIB)
+    assert "most loaded rank: 4 (pipeline stage 1, tensor rank 0)" in text  # logits tip it over
+
+
+def test_deep_pipeline_and_large_model_plan():
+    text = model_summary.main(["--preset", "llama2-70b", "--tensor-model-parallel-size", "8",
+                               "--pipeline-model-parallel-size", "4", "--data-parallel-size", "2",
+                               "--bf16", "--use-distributed-optimizer", "--sequence-parallel"])
+    assert "total parameters: 68,989,231,104 (vocabulary 32,000 padded to 32,768)" in text
+    assert "stage 1: " in text and "stage 3: " in text
+    with pytest.raises(ConfigError, match="--num-attention-heads 64 is not divisible"):
+        model_summary.main(["--preset", "llama2-70b", "--tensor-model-parallel-size", "3"])

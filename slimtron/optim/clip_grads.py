@@ -1,0 +1,59 @@
+"""Global gradient L2 norm across tensor, pipeline and data parallelism, and clipping by it.
+
+Every element of the full model's gradient is counted exactly once over the world:
+- a tensor-parallel parameter is a different shard on every TP rank: counted on each;
+- a replicated parameter (including sequence-parallel norms, whose grads are all-reduced over TP
+  before this point) is counted only on TP rank 0;
+- the tied embedding (``shared_embedding``) lives on the first and the last pipeline stage with the
+  same gradient: counted only on the first stage;
+- with the distributed optimizer each DP rank passes only its own shard, and the squared norm is
+  summed over the DP group too (without it, DP ranks hold identical grads and are not summed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def counts_in_norm(param: torch.Tensor, pstate) -> bool:
+    """Whether this rank's copy of ``param`` contributes to the global gradient norm."""
+    if getattr(param, "shared_embedding", False) and not pstate.is_first_stage:
+        return False
+    return bool(getattr(param, "tensor_model_parallel", False)) or pstate.tp_rank == 0
+
+
+def _sum_over(tensor: torch.Tensor, group) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+
+
+def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = False) -> float:
+    """L2 norm of the whole model's gradient; ``grads[i]`` is the (local part of) ``params[i]``'s
+    gradient. Collective over the model-parallel group (and the DP group with ``sum_over_dp``)."""
+    counted = [g for p, g in zip(params, grads) if counts_in_norm(p, pstate)]
+    device = grads[0].device if grads else pstate.device
+    squared = torch.zeros(1, dtype=torch.float32, device=device)
+    if counted:
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
+        squared += norms.pow(2).sum()
+    _sum_over(squared, pstate.mp_group)
+    if sum_over_dp:
+        _sum_over(squared, pstate.dp_group)
+    return math.sqrt(squared.item())
+
+
+def clip_grads_by_norm(grads: list, max_norm: float, total_norm: float) -> None:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below one."""
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0 and grads:
+        torch._foreach_mul_(grads, coefficient)
+
+
+def clip_grad_norm(params: list, grads: list, max_norm: float, pstate,
+                   sum_over_dp: bool = False) -> float:
+    """Clip ``grads`` to a global L2 norm of ``max_norm``; returns the norm before clipping."""
+    total_norm = global_grad_norm(params, grads, pstate, sum_over_dp)
+    clip_grads_by_norm(grads, max_norm, total_norm)
+    return total_norm

@@ -1,0 +1,272 @@
+"""Mixed-precision AdamW over fp32 main parameters, fed by the data-parallel gradient buffers.
+
+One optimizer step (``step()``), after ``DataParallelGrads.finish_grad_sync()``:
+1. the fp32 gradients in the grad buffer become the main parameters' ``.grad`` (no copy);
+2. with a loss scaler they are divided by the loss scale; inf/nan in any gradient on any rank
+   (agreed by an all-reduce MAX over the world) skips the step on every rank, counts it, and
+   lets the loss scaler back off;
+3. gradients are clipped to a global L2 norm (``clip_grads.py``);
+4. AdamW (``torch.optim.AdamW``, fused or foreach) updates the main parameters with the learning
+   rate of the schedule, decaying only parameters with ``ndim >= 2``;
+5. updated main parameters are copied into the (bf16/fp16) model parameters. fp32 model parameters
+   are their own main parameters.
+
+``step()`` returns ``(update_successful, grad_norm or None, None)``.
+
+Parameter state for checkpoint resharding
+-----------------------------------------
+``param_state()`` returns ``{global_name: entry}`` for every parameter this rank optimizes, with
+
+- ``"main_param"``, ``"exp_avg"``, ``"exp_avg_sq"``: flat fp32 tensors (copies) of this rank's part
+  of the parameter's TP-local shard (the tensor the model holds on this rank, flattened row-major);
+- ``"range"``: ``(start, end)``, the part's position in that flattened shard: ``(0, numel)``
+  without the distributed optimizer; with it, the intersection of the parameter with this DP rank's
+  range of the grad buffer (parameters outside the range are absent).
+
+Adam moments are zeros before the first update. ``load_param_state`` takes the same structure for
+exactly this rank's ranges; it writes the main parameters (and their rounding into the model
+parameters' local part), the moments, and sets Adam's step to the number of updates done
+(``state_dict()["num_updates"]``). The step counters, learning-rate schedule and loss scaler are in
+``state_dict()`` / ``load_state_dict()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from slimtron.config import ConfigError
+from slimtron.optim.clip_grads import clip_grad_norm
+from slimtron.parallel.data_parallel import param_label
+
+
+@dataclass
+class ParamShard:
+    """What the optimizer updates for one model parameter on this rank."""
+    model_param: torch.nn.Parameter
+    main_param: torch.Tensor  # fp32 leaf AdamW updates; may be the model parameter itself
+    grad: torch.Tensor  # fp32 view into the grad buffer, shaped like main_param
+    start: int  # range in the flattened TP-local model parameter
+    end: int
+    copy_back: bool  # main_param is a separate fp32 copy to be rounded into the model parameter
+
+    def model_part(self) -> torch.Tensor:
+        """The model parameter's elements this shard covers (a flat view)."""
+        return self.model_param.detach().view(-1)[self.start:self.end]
+
+
+def _fused_supported(device: torch.device) -> bool:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:
+        return device.type == "cuda"
+
+
+def make_adamw(decay: list, no_decay: list, config) -> Optional[torch.optim.AdamW]:
+    """AdamW with weight decay on ``decay`` only; None when this rank owns no parameters."""
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return None
+    device = groups[0]["params"][0].device
+    fast = {"fused": True} if _fused_supported(device) else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                             eps=config.adam_eps, **fast)
+
+
+class MixedPrecisionOptimizer:
+    """AdamW on fp32 main copies of the whole model (every DP rank holds all of it)."""
+
+    sum_norm_over_dp = False
+
+    def __init__(self, grads, config, pstate, scheduler, loss_scaler=None):
+        if config.optimizer != "adam":
+            raise ConfigError(f"--optimizer {config.optimizer!r} is not supported; use adam")
+        self.grads = grads
+        self.config = config
+        self.pstate = pstate
+        self.scheduler = scheduler
+        self.loss_scaler = loss_scaler
+        self.num_updates = 0
+        self.num_skipped = 0
+        self.shards = self._build_shards()
+        self.adam = make_adamw([s.main_param for s in self.shards if s.model_param.ndim >= 2],
+                               [s.main_param for s in self.shards if s.model_param.ndim < 2],
+                               config)
+        self._lr = scheduler.get_lr()
+
+    def _build_shards(self) -> list:
+        shards = []
+        for param in self.grads.params:
+            copy = param.dtype != torch.float32
+            main = param.detach().clone().to(torch.float32) if copy else param
+            shards.append(ParamShard(param, main, param.main_grad, 0, param.numel(), copy))
+        return shards
+
+    # ---- interface -----------------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scaler.scale if self.loss_scaler is not None else loss
+
+    def get_lr(self) -> float:
+        """Learning rate of the latest update (before any: the one the first update will use)."""
+        return self._lr
+
+    def zero_grad(self) -> None:
+        self.grads.zero_grad()
+
+    def step(self):
+        self._attach_grads()
+        try:
+            if self._unscale_and_find_nonfinite():
+                if self.loss_scaler is not None:
+                    self.loss_scaler.update(True)
+                self.num_skipped += 1
+                return False, None, None
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(False)
+            grad_norm = self._clip() if self.config.clip_grad > 0 else None
+            self._update()
+            return True, grad_norm, None
+        finally:
+            self._detach_grads()
+
+    # ---- step parts ----------------------------------------------------------------------------
+    def _attach_grads(self) -> None:
+        for shard in self.shards:
+            grad = shard.grad
+            shard.main_param.grad = grad if grad.dtype == torch.float32 else grad.float()
+
+    def _detach_grads(self) -> None:
+        for shard in self.shards:
+            shard.main_param.grad = None
+
+    def _main_grads(self) -> list:
+        return [shard.main_param.grad for shard in self.shards]
+
+    def _unscale_and_find_nonfinite(self) -> bool:
+        grads = self._main_grads()
+        if self.loss_scaler is not None and self.loss_scaler.scale != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
+        local = (not torch.stack([torch.isfinite(g).all() for g in grads]).all().item()
+                 if grads else False)
+        flag = torch.tensor([float(local)], device=self._device())
+        # The whole world decides together so that every rank skips the same steps.
+        if self.pstate.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _device(self) -> torch.device:
+        return self.grads.params[0].device
+
+    def _clip(self) -> float:
+        return clip_grad_norm([s.model_param for s in self.shards], self._main_grads(),
+                              self.config.clip_grad, self.pstate, self.sum_norm_over_dp)
+
+    def _update(self) -> None:
+        self._lr = self.scheduler.get_lr()
+        if self.adam is not None:
+            for group in self.adam.param_groups:
+                group["lr"] = self._lr
+            self.adam.step()
+        self.scheduler.step()
+        self.num_updates += 1
+        self._copy_main_to_model()
+
+    @torch.no_grad()
+    def _copy_main_to_model(self) -> None:
+        for shard in self.shards:
+            if shard.copy_back:
+                shard.model_part().copy_(shard.main_param.view(-1))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "num_skipped": self.num_skipped,
+                "lr_scheduler": self.scheduler.state_dict(),
+                "loss_scaler": (self.loss_scaler.state_dict()
+                                if self.loss_scaler is not None else None)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.num_skipped = int(state["num_skipped"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        self._lr = self.scheduler.lr_at(max(self.scheduler.num_steps - 1, 0))
+        self._set_adam_steps()
+
+    def param_state(self) -> dict:
+        """This rank's main parameters and Adam moments by global name (format: module doc)."""
+        out = {}
+        for shard in self.shards:
+            name = self._global_name(shard.model_param)
+            if name in out:
+                raise ValueError(f"two parameters on rank {self.pstate.rank} share the global "
+                                 f"name {name}; optimizer state needs unique names")
+            state = self.adam.state.get(shard.main_param, {}) if self.adam is not None else {}
+            zeros = torch.zeros(shard.end - shard.start, dtype=torch.float32)
+            out[name] = {
+                "main_param": shard.main_param.detach().reshape(-1).float().clone(),
+                "exp_avg": state["exp_avg"].reshape(-1).clone() if state else zeros.clone(),
+                "exp_avg_sq": state["exp_avg_sq"].reshape(-1).clone() if state else zeros.clone(),
+                "range": (shard.start, shard.end),
+            }
+        return out
+
+    @torch.no_grad()
+    def load_param_state(self, param_state: dict) -> None:
+        for shard in self.shards:
+            entry = self._entry_for(shard, param_state)
+            shard.main_param.view(-1).copy_(entry["main_param"])
+            if shard.copy_back:
+                shard.model_part().copy_(shard.main_param.view(-1))
+            if self.adam is None:
+                continue
+            state = self.adam.state[shard.main_param]
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = entry[key].to(shard.main_param.device, torch.float32) \
+                    .reshape(shard.main_param.shape).clone()
+        self._set_adam_steps()
+
+    def _entry_for(self, shard: ParamShard, param_state: dict) -> dict:
+        name = self._global_name(shard.model_param)
+        if name not in param_state:
+            raise ValueError(f"optimizer parameter state has no entry for {name}")
+        entry = param_state[name]
+        expected = (shard.start, shard.end)
+        if tuple(entry["range"]) != expected:
+            raise ValueError(f"optimizer parameter state for {name} covers range "
+                             f"{tuple(entry['range'])}, this rank holds {expected}")
+        for key in ("main_param", "exp_avg", "exp_avg_sq"):
+            if entry[key].numel() != shard.end - shard.start:
+                raise ValueError(f"optimizer parameter state {key} of {name} has "
+                                 f"{entry[key].numel()} elements, expected {shard.end - shard.start}")
+        return entry
+
+    def _set_adam_steps(self) -> None:
+        """Adam's per-parameter step (bias correction) equals the number of updates done."""
+        if self.adam is None:
+            return
+        for group in self.adam.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for main in group["params"]:
+                state = self.adam.state.get(main)
+                if state and "exp_avg" in state:
+                    device = main.device if on_device else torch.device("cpu")
+                    state["step"] = torch.tensor(float(self.num_updates), dtype=torch.float32,
+                                                 device=device)
+
+    @staticmethod
+    def _global_name(param: torch.Tensor) -> str:
+        name = getattr(param, "global_name", None)
+        if name is None:
+            raise ValueError(f"{param_label(param)} has no global_name attribute "
+                             "(see docs/CONVENTIONS.md); optimizer state needs it")
+        return name

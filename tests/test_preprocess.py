@@ -160,7 +160,8 @@ def test_gzip_zst_and_glob_inputs_match_plain(tmp_path, records):
     proc = preprocess([tmp_path / "*.gz", tmp_path / "b.jsonl.zst"], tmp_path / "packed",
                       "--append-eod", "--workers", 2)
     assert f"total: {len(records)} documents" in proc.stdout
-    assert read_files(tmp_path / "plain_text_document") == read_files(tmp_path / "packed_text_document")
+    assert read_files(tmp_path / "plain_text_document") == \
+        read_files(tmp_path / "packed_text_document")
 
     (tmp_path / "broken.jsonl.zst").write_bytes(b"not zstd at all")
     broken = preprocess(tmp_path / "broken.jsonl.zst", tmp_path / "broken", check=False)

@@ -164,7 +164,7 @@ class OutputChunk:
 class BatchResult:
     file_index: int
     nbytes: int = 0
-    documents: int = 0  # lines that became documents
+    documents: int = 0  # documents written, over all outputs
     empty: int = 0  # (line, key) pairs skipped as empty
     bad: list = field(default_factory=list)  # (line number, reason)
     outputs: dict = field(default_factory=dict)  # (split value, key) -> OutputChunk
@@ -192,11 +192,11 @@ class Encoder:
             except BadLine as bad:
                 result.bad.append((lineno, str(bad)))
                 continue
-            result.documents += 1
             for key, text in texts.items():
                 if not text.strip():
                     result.empty += 1
                     continue
+                result.documents += 1
                 ids = tokenizer.tokenize(text)
                 if self.append_eod:
                     ids.append(tokenizer.eod)
@@ -264,10 +264,9 @@ class Outputs:
     def commit(self) -> None:
         for builder in self.builders.values():
             builder.finalize()
-        renames = [(b.bin_path, b.bin_path[:-len(self.temp_suffix)]) for b in self.builders.values()]
-        renames += [(b.idx_path, b.idx_path[:-len(self.temp_suffix)]) for b in self.builders.values()]
-        for written, final in renames:
-            os.replace(written, final)
+        builders = self.builders.values()
+        for written in [b.bin_path for b in builders] + [b.idx_path for b in builders]:
+            os.replace(written, written[:-len(self.temp_suffix)])
 
     def abort(self) -> None:
         for builder in self.builders.values():
@@ -308,8 +307,8 @@ def run(args) -> tuple[Outputs, Progress]:
         with pool or contextlib.nullcontext():
             # imap keeps input order; a task is a whole batch so IPC stays small next to the work.
             encode = pool.imap if pool else map
-            write_in_order(encode(encoder.encode_batch, read_batches(paths, args.lines_per_batch)), outputs, progress,
-                           paths, args)
+            results = encode(encoder.encode_batch, read_batches(paths, args.lines_per_batch))
+            write_in_order(results, outputs, progress, paths, args)
         outputs.commit()
     except BaseException:
         outputs.abort()
@@ -381,8 +380,9 @@ def parse_args(argv=None):
                        help="lines per worker task (a task also ends after ~256 KB)")
     args = parser.parse_args(argv)
     for flag in ("workers", "log_interval", "lines_per_batch"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     out_dir = os.path.dirname(args.output_prefix) or "."
     if not os.path.isdir(out_dir):
         parser.error(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist")
@@ -391,6 +391,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The worker processes are the parallelism; a HuggingFace tokenizer's own threads would only
+    # contend with them (and it warns when forked after using them).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         outputs, progress = run(args)
     except StrictFailure as failure:

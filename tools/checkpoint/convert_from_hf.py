@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Import a local Hugging Face Llama or GPT-2 directory as a slimtron checkpoint.
+
+    python tools/checkpoint/convert_from_hf.py --hf hf_dir/ --save ckpt/ \\
+        [--tensor-model-parallel-size T --pipeline-model-parallel-size P] [--tokenizer-model PATH]
+
+Writes iteration 0 with no optimizer state, in the files ``save_checkpoint`` writes for a (T, P)
+layout (any layout loads it; T and P only choose the files). Continue from it with
+``pretrain_gpt.py --load ckpt/ --finetune ...``. The model's shape comes from config.json; the
+weights go through ``slimtron.hf_mapping``'s table in the HF -> slimtron direction, in the dtype
+they are stored in. The shard structure (which parameters a stage holds, how each is split) is read
+from the model itself, built on the meta device for every (tp, pp) rank.
+
+The tokenizer recorded in the checkpoint: --tokenizer-model (a sentencepiece .model file or a
+tokenizer directory) when given, else the HF directory itself when it holds a tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+
+from slimtron import checkpointing, hf_mapping
+from slimtron.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
+from slimtron.parallel.sharding import shard_like
+from slimtron.parallel.state import ParallelState
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Buffers some HF checkpoints carry that are not parameters.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+class HFWeights:
+    """Lazy access to the safetensors weights of an HF directory (single file or indexed)."""
+
+    def __init__(self, hf_dir: str):
+        from safetensors import safe_open
+
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        single = os.path.join(hf_dir, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(single):
+            weight_map = None
+        else:
+            raise ConfigError(f"--hf {hf_dir}: no model.safetensors or {os.path.basename(index)} "
+                              "(only safetensors weights are read)")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.handles = {f: safe_open(os.path.join(hf_dir, f), framework="pt") for f in files}
+        self.where = weight_map or {k: "model.safetensors" for k in self.handles[files[0]].keys()}
+        self.used: set[str] = set()
+        self.hf_dir = hf_dir
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConfigError(f"--hf {self.hf_dir}: weights have no tensor {name}")
+        self.used.add(name)
+        return self.handles[self.where[name]].get_tensor(name)
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self.where
+                      if n not in self.used and not n.endswith(IGNORED_SUFFIXES))
+
+
+def read_hf_config(hf_dir: str) -> tuple[ModelConfig, list[str]]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--hf {hf_dir}: no config.json (not a Hugging Face model directory)")
+    with open(path) as f:
+        return hf_mapping.model_config_from_hf(json.load(f), path)
+
+
+def tokenizer_setting(hf_dir: str, tokenizer_model: Optional[str], tokenizer_type: Optional[str],
+                      arch: str) -> tuple[Optional[str], Optional[str]]:
+    """(tokenizer_type, tokenizer_model) to record in the checkpoint's config."""
+    if tokenizer_model is None:
+        if not any(os.path.exists(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
+            return None, None
+        tokenizer_model = hf_dir
+    if not os.path.exists(tokenizer_model):
+        raise ConfigError(f"--tokenizer-model {tokenizer_model}: no such file or directory")
+    if tokenizer_type is None:
+        if os.path.isdir(tokenizer_model):
+            tokenizer_type = "HuggingFaceTokenizer"
+        else:
+            tokenizer_type = "SentencePieceTokenizer" if arch == "llama" else "GPTSentencePieceTokenizer"
+    return tokenizer_type, os.path.abspath(tokenizer_model)
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int, pp_rank: int) -> list[dict]:
+    """For each TP rank of stage ``pp_rank``: global name -> meta parameter (shape + attributes)."""
+    from slimtron.model import build_model_chunks
+
+    out = []
+    for tp_rank in range(tp):
+        pstate = ParallelState.for_planning(tp, pp, 1, rank=pp_rank * tp + tp_rank)
+        chunks = build_model_chunks(cfg, pstate, device="meta")
+        params = {}
+        for chunk in chunks:
+            for p in chunk.parameters():
+                params.setdefault(p.global_name, p)
+        out.append(params)
+    return out
+
+
+def write_stage(weights: HFWeights, cfg: ModelConfig, rules: dict, tp: int, pp: int,
+                pp_rank: int, out_dir: str):
+    per_rank = stage_parameters(cfg, tp, pp, pp_rank)
+    shards = [{"params": {}, "meta": {}, "tp_rank": r, "tp_size": tp, "pp_rank": pp_rank}
+              for r in range(tp)]
+    for name, meta_param in per_rank[0].items():
+        if name not in rules:
+            raise ConfigError(f"slimtron parameter {name} has no row in the Hugging Face mapping")
+        rule = rules[name]
+        full = hf_mapping.from_hf(rule, {n: weights.get(n) for n in rule.theirs}, cfg)
+        full = hf_mapping.pad_to(name, full, meta_param.full_shape)
+        for tp_rank, params in enumerate(per_rank):
+            p = params[name]
+            shards[tp_rank]["params"][name] = shard_like(full, p, tp, tp_rank).clone()
+            shards[tp_rank]["meta"][name] = checkpointing._param_meta(p)
+    for tp_rank, shard in enumerate(shards):
+        torch.save(shard, os.path.join(out_dir, checkpointing.model_file(tp_rank, pp_rank)))
+
+
+def convert(hf_dir: str, save: str, tp: int = 1, pp: int = 1,
+            tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None) -> Config:
+    """Write the checkpoint; returns its Config."""
+    cfg, warnings = read_hf_config(hf_dir)
+    for w in warnings:
+        print(f"convert_from_hf: warning: {w}", file=sys.stderr)
+    arch = hf_mapping.architecture(cfg)
+    from slimtron.model import validate_parallel_config
+
+    validate_parallel_config(cfg, tp, pp)
+    if checkpointing.latest_iteration(save) is not None:
+        raise ConfigError(f"--save {save}: already holds a checkpoint")
+    tok_type, tok_model = tokenizer_setting(hf_dir, tokenizer_model, tokenizer_type, arch)
+    config = Config(model=cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                       pipeline_model_parallel_size=pp),
+                    data=DataConfig(tokenizer_type=tok_type, tokenizer_model=tok_model))
+    weights = HFWeights(hf_dir)
+    rules = {r.ours: r for r in hf_mapping.mapping(cfg)}
+    final = checkpointing.iteration_dir(save, 0)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for pp_rank in range(pp):
+        write_stage(weights, cfg, rules, tp, pp, pp_rank, tmp)
+    left = weights.unused()
+    if left:
+        raise ConfigError(f"--hf {hf_dir}: {len(left)} tensors have no slimtron parameter, "
+                          f"e.g. {', '.join(left[:3])}")
+    torch.save(_common(config, tp, pp), os.path.join(tmp, "common.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    checkpointing._write_tracker(save, 0)
+    return config
+
+
+def _common(config: Config, tp: int, pp: int) -> dict:
+    return {"format_version": checkpointing.FORMAT_VERSION, "iteration": 0,
+            "consumed_samples": 0, "config": config.to_dict(),
+            "layout": {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp},
+            "scheduler": None, "optimizer": None, "extra": {"converted_from": "huggingface"}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf", required=True, help="local Hugging Face model directory")
+    p.add_argument("--save", required=True, help="checkpoint directory to create")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--tokenizer-type", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = convert(args.hf, args.save, args.tensor_model_parallel_size,
+                         args.pipeline_model_parallel_size, args.tokenizer_model,
+                         args.tokenizer_type)
+    except (ConfigError, ValueError) as e:
+        print(f"convert_from_hf: error: {e}", file=sys.stderr)
+        return 1
+    m = config.model
+    print(f"wrote {hf_mapping.architecture(m)} checkpoint ({m.num_layers} layers, hidden "
+          f"{m.hidden_size}) to {args.save} for tp={args.tensor_model_parallel_size} "
+          f"pp={args.pipeline_model_parallel_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,8 +6,9 @@
    ceiling one worker can reach); the ratio says what the pipeline costs on top of tokenizing.
 2. A synthetic corpus of --tokens uint16 tokens (default 1e9, 2 GB, documents of 1000-1999
    tokens) written through the C++ builder into a temporary directory (removed afterwards), then
-   the time to build the GPT dataset indices over it: document shuffle, sample index, sample
-   shuffle and a three-way blending index.
+   the time to build the GPT dataset indices over it (document shuffle, sample index, sample
+   shuffle for the train/valid/test splits), to reload them from the cache, and to build a
+   three-way blend.
 
 Usage: python bench/preprocess.py [--tokens 1e9] [--seq-length 2048] [--skip-index]
 """
@@ -93,8 +94,30 @@ def write_synthetic_corpus(prefix: str, total_tokens: int, seed: int = 0) -> tup
 
 # ------------------------------------------------------------------------------------ GPT indices
 
-def bench_gpt_indices(prefix: str, seq_length: int, seed: int = 1234) -> dict:
-    """Seconds per step of Megatron's GPT dataset index build over the train split (96.9 %)."""
+def bench_gpt_indices(prefix: str, seq_length: int, cache_root: str) -> dict:
+    """Seconds to build (and reload) the GPT dataset indices through slimtron.data."""
+    from slimtron.data.blended_dataset import build_train_valid_test_datasets
+
+    timings = {}
+    for label, cache in (("train/valid/test, one epoch each (cold)", "single"),
+                         ("same, loaded from the index cache (warm)", "single")):
+        start = time.perf_counter()
+        datasets = build_train_valid_test_datasets(
+            prefix, "969,30,1", seq_length, 1234, num_samples=(None, None, None),
+            cache_dir=os.path.join(cache_root, cache))
+        timings[label] = time.perf_counter() - start
+    samples = [len(d) for d in datasets]
+    blend = [0.5, prefix, 0.3, prefix, 0.2, prefix]  # three sources (one corpus, own indices each)
+    start = time.perf_counter()
+    build_train_valid_test_datasets(blend, "969,30,1", seq_length, 1234,
+                                    num_samples=(samples[0], samples[1], samples[2]),
+                                    cache_dir=os.path.join(cache_root, "blend"))
+    timings["blend of 3 sources, same sample counts (cold)"] = time.perf_counter() - start
+    return {"samples": samples, "timings": timings}
+
+
+def bench_cpp_helpers(prefix: str, seq_length: int, seed: int = 1234) -> dict:
+    """Without slimtron.data's GPT dataset: the same index steps straight on the C++ helpers."""
     from slimtron import _C
 
     ds = IndexedDataset(prefix)
@@ -102,28 +125,18 @@ def bench_gpt_indices(prefix: str, seq_length: int, seed: int = 1234) -> dict:
     train_docs = int(round(len(ds) * 0.969))
     rng = np.random.RandomState(seed)
     timings = {}
-
     start = time.perf_counter()
     doc_idx = np.arange(train_docs, dtype=np.int64)
     rng.shuffle(doc_idx)
-    timings["document index (shuffle)"] = time.perf_counter() - start
-
-    start = time.perf_counter()
     tokens_per_epoch = int(sizes[:train_docs].sum(dtype=np.int64))
     sample_idx = _C.build_sample_idx(sizes, doc_idx, seq_length, 1, tokens_per_epoch)
-    timings["sample index"] = time.perf_counter() - start
-    num_samples = len(sample_idx) - 1
-
-    start = time.perf_counter()
-    shuffle_idx = np.arange(num_samples, dtype=np.int64)
+    shuffle_idx = np.arange(len(sample_idx) - 1, dtype=np.int64)
     rng.shuffle(shuffle_idx)
-    timings["shuffle index"] = time.perf_counter() - start
-
+    timings["train document/sample/shuffle index"] = time.perf_counter() - start
     start = time.perf_counter()
-    _C.build_blending_indices(np.array([0.5, 0.3, 0.2]), num_samples)
+    _C.build_blending_indices(np.array([0.5, 0.3, 0.2]), len(shuffle_idx))
     timings["blending index (3 datasets)"] = time.perf_counter() - start
-    timings["samples"] = num_samples
-    return timings
+    return {"samples": [len(shuffle_idx)], "timings": timings}
 
 
 def main(argv=None) -> None:
@@ -154,12 +167,16 @@ def main(argv=None) -> None:
         size_gb = os.path.getsize(prefix + ".bin") / 1e9
         print(f"synthetic corpus: {total:,} tokens in {documents:,} documents ({size_gb:.2f} GB), "
               f"written in {seconds:.1f} s ({size_gb * 1e3 / seconds:.0f} MB/s through the builder)")
-        timings = bench_gpt_indices(prefix, args.seq_length)
-        print(f"GPT dataset indices, seq_length {args.seq_length}, {timings.pop('samples'):,} "
-              "train samples (C++ helpers):")
-        for step, seconds in timings.items():
-            print(f"  {step:28s} {seconds:7.2f} s")
-        print(f"  {'total':28s} {sum(timings.values()):7.2f} s")
+        try:
+            result = bench_gpt_indices(prefix, args.seq_length, os.path.join(tmp_root, "cache"))
+            how = "slimtron.data.build_train_valid_test_datasets"
+        except ImportError:
+            result = bench_cpp_helpers(prefix, args.seq_length)
+            how = "C++ helpers"
+        samples = "/".join(f"{n:,}" for n in result["samples"])
+        print(f"GPT dataset indices ({how}), seq_length {args.seq_length}, {samples} samples:")
+        for step, seconds in result["timings"].items():
+            print(f"  {step:48s} {seconds:7.2f} s")
     finally:
         shutil.rmtree(tmp_root)
 

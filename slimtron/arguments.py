@@ -59,7 +59,7 @@ _PARALLEL_FLAGS = [
 ]
 
 _OPTIM_FLAGS = [
-    ("--optimizer", None, dict(choices=["adam", "sgd"])),
+    ("--optimizer", None, dict(choices=["adam"], help="AdamW (decoupled weight decay)")),
     ("--lr", None, dict(type=float)),
     ("--min-lr", None, dict(type=float)),
     ("--lr-decay-style", None, dict(choices=["constant", "linear", "cosine"])),

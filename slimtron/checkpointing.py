@@ -121,17 +121,22 @@ def _gather_over_dp(flat_piece: torch.Tensor, rng: tuple[int, int], numel: int,
 
 
 def _optimizer_shards(optimizer, params: dict, pstate: ParallelState) -> dict:
+    """Main parameters and Adam moments of every parameter as whole TP-local shards (on DP rank 0).
+
+    Under the distributed optimizer a rank holds a range of some parameters and none of others
+    (absent from ``param_state``); it then contributes an empty range."""
     state = optimizer.param_state()
+    empty = torch.zeros(0)
     out = {}
     for name, p in params.items():
-        entry = state[name]
+        entry = state.get(name, {"range": (0, 0), **{k: empty for k in OPTIM_KEYS}})
         out[name] = {k: _gather_over_dp(entry[k], entry["range"], p.numel(), pstate).view(p.shape)
                      for k in OPTIM_KEYS}
     return out
 
 
 # -------------------------------------------------------------------------------------- save
-def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, pstate:
+def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, pstate:
                     ParallelState, config, consumed_samples: int, extra: Optional[dict] = None,
                     rng_tracker=None):
     """Collective: every rank calls it. Returns the directory written."""
@@ -159,7 +164,6 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
             "consumed_samples": consumed_samples, "config": config.to_dict(),
             "layout": {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size,
                        "world": pstate.world_size},
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "extra": extra or {},
         }
@@ -290,7 +294,7 @@ def _local_shard(full: torch.Tensor, p, pstate: ParallelState) -> torch.Tensor:
                           getattr(p, "partition_chunks", 1))
 
 
-def load_checkpoint(root: str, model_chunks, optimizer, scheduler, pstate: ParallelState, config,
+def load_checkpoint(root: str, model_chunks, optimizer, pstate: ParallelState, config,
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
                     rng_tracker=None) -> dict:
     """Load the newest complete checkpoint into this layout. Returns {"iteration",
@@ -311,9 +315,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, pstate: Paral
         return {"iteration": 0, "consumed_samples": 0, "extra": {}}
     if load_optim and optimizer is not None:
         _load_optimizer(saved, optimizer, params, pstate, ckpt_dir)
-        optimizer.load_state_dict(common["optimizer"])
-        if scheduler is not None and common["scheduler"] is not None:
-            scheduler.load_state_dict(common["scheduler"])
+        optimizer.load_state_dict(common["optimizer"])  # step counters, LR schedule, loss scale
     else:
         optimizer_reload_main_params(optimizer)
     same_layout = (common["layout"]["world"] == pstate.world_size
@@ -336,6 +338,8 @@ def _load_optimizer(saved: _SavedShards, optimizer, params: dict, pstate: Parall
     ranges = optimizer.param_state()
     new_state = {}
     for name, p in params.items():
+        if name not in ranges:  # distributed optimizer: none of it is in this rank's range
+            continue
         start, end = ranges[name]["range"]
         entry = {"range": (start, end)}
         for key in OPTIM_KEYS:

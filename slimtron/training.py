@@ -296,7 +296,7 @@ def load(engine: Engine):
         log(engine.pstate, f" no checkpoint in {t.load}: starting from scratch")
         return
     info = checkpointing.load_checkpoint(
-        t.load, engine.model_chunks, engine.optimizer, engine.optimizer.scheduler, engine.pstate,
+        t.load, engine.model_chunks, engine.optimizer, engine.pstate,
         engine.config, load_optim=not (t.no_load_optim or t.finetune), load_rng=not t.no_load_rng,
         finetune=t.finetune, rng_tracker=engine.model_chunks[0].rng_tracker)
     extra = info.get("extra", {})
@@ -311,15 +311,16 @@ def save(engine: Engine):
     t = engine.config.training
     s = engine.state
     path = checkpointing.save_checkpoint(
-        t.save, s.iteration, engine.model_chunks, engine.optimizer, engine.optimizer.scheduler,
-        engine.pstate, engine.config, s.consumed_train_samples,
+        t.save, s.iteration, engine.model_chunks, engine.optimizer, engine.pstate, engine.config, s.consumed_train_samples,
         extra={"skipped_iterations": s.skipped_iterations, "nan_iterations": s.nan_iterations},
         rng_tracker=engine.model_chunks[0].rng_tracker)
     log(engine.pstate, f" saved checkpoint at iteration {s.iteration:7d} to {path}")
 
 
 # ---------------------------------------------------------------------------------------- loop
-def train(engine: Engine) -> TrainState:
+def train(engine: Engine, on_iteration=None) -> TrainState:
+    """Train to --train-iters (or --exit-interval). ``on_iteration(iteration, loss, grad_norm)``
+    is called on every rank after each step (tests record losses with it)."""
     config, pstate, s = engine.config, engine.pstate, engine.state
     t = config.training
     tb = TensorBoard(t.tensorboard_dir, pstate)
@@ -337,6 +338,8 @@ def train(engine: Engine) -> TrainState:
         window_iters += 1
         loss_all = broadcast_from_last_stage(loss, pstate)
         _account(engine, ok, loss_all)
+        if on_iteration is not None:
+            on_iteration(s.iteration, loss_all, grad_norm)
         if s.iteration % t.log_interval == 0:
             elapsed = (time.perf_counter() - window_start) / window_iters
             tokens_per_s = tokens_per_batch / elapsed

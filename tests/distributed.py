@@ -7,6 +7,7 @@ exception on any rank fails the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -28,7 +29,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensors by value: torch's shared-memory hand-off would break if
+        # this process exits before the parent has read them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -63,7 +66,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
             continue
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"--- rank {rank} ---\n{payload}")
         if errors:  # one failure usually hangs the rest in a collective

@@ -20,7 +20,11 @@ from slimtron.parallel import comm
 def set_parallel_attributes(param: nn.Parameter, *, full_shape, tensor_model_parallel: bool = False,
                             partition_dim: int = -1, partition_chunks: int = 1,
                             sequence_parallel: bool = False, shared_embedding: bool = False) -> None:
-    """Tag ``param`` with the attributes every other module reads (docs/CONVENTIONS.md)."""
+    """Tag ``param`` with the attributes every other module reads (docs/CONVENTIONS.md).
+
+    The TP layers flag their parameters ``tensor_model_parallel`` at every tp size (tp=1 included):
+    the flag says how the parameter *is cut*, so checkpoint resharding works from a TP=1 model too.
+    """
     param.tensor_model_parallel = tensor_model_parallel
     param.partition_dim = partition_dim if tensor_model_parallel else -1
     param.partition_chunks = partition_chunks if tensor_model_parallel else 1

@@ -108,11 +108,17 @@ OPTIM = dict(lr=0.05, min_lr=0.005, lr_warmup_iters=1, lr_decay_style="cosine", 
              clip_grad=0.5)
 
 
-def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, bucket_size: int = 7,
-              dtype=torch.float32, steps: int = STEPS, **optim):
-    """Train the toy model; returns (global losses, grad norms, full params, overlap_started)."""
+def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, count_microbatches=False,
+              bucket_size: int = 7, dtype=torch.float32, steps: int = STEPS, **optim):
+    """Train the toy model; returns (global losses, grad norms, full params, overlap_started).
+
+    The last micro-batch is told apart with no_sync(), or (``count_microbatches``) by declaring
+    the number of micro-batches per step."""
     model = ToyTPModel(pstate, full_toy_params(), dtype)
     grads = DataParallelGrads([model], pstate, bucket_size, overlap, dist_opt)
+    per_rank = GLOBAL_BATCH // pstate.dp_size
+    if count_microbatches:
+        grads.set_microbatches_per_step(per_rank // micro_batch)
     opt = build_optimizer([model], OptimizerConfig(**{**OPTIM, **optim}),
                           ParallelConfig(use_distributed_optimizer=dist_opt,
                                          overlap_grad_reduce=overlap), pstate, grads,
@@ -120,7 +126,6 @@ def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, bucket_si
     losses, norms, overlap_started = [], [], []
     for step in range(steps):
         x, y = toy_batch(step)
-        per_rank = GLOBAL_BATCH // pstate.dp_size
         x = x[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
         y = y[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
         opt.zero_grad()
@@ -129,7 +134,7 @@ def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, bucket_si
         for i, (xm, ym) in enumerate(pieces):
             loss = ((model(xm) - ym) ** 2).mean() / len(pieces)
             total += loss.detach()
-            if i < len(pieces) - 1:
+            if i < len(pieces) - 1 and not count_microbatches:
                 with grads.no_sync():
                     opt.scale_loss(loss).backward()
             else:
@@ -177,6 +182,19 @@ def test_plan_buffer_closes_buckets_at_size_and_chunk_boundaries_and_pads():
     assert offsets == [0, 5, 12, 24, 27] and total == 32
     _, unpadded, total = plan_buffer([5, 4, 10], [0, 0, 0], bucket_size=100)
     assert [(b.start, b.end) for b in unpadded] == [(0, 19)] and total == 19
+    _, isolated, _ = plan_buffer([5, 4, 10, 3], [0] * 4, bucket_size=100, pad_to=2,
+                                 isolated=[False, True, False, False])
+    assert [(b.start, b.end, b.param_indices) for b in isolated] == \
+        [(0, 6, [0]), (6, 10, [1]), (10, 24, [2, 3])]
+
+
+def test_tied_embedding_gets_a_bucket_of_its_own():
+    pstate = ParallelState.single()
+    model = ToyTPModel(pstate, full_toy_params())
+    model.fc1_weight.shared_embedding = True
+    grads = DataParallelGrads([model], pstate, bucket_size=10 ** 6)
+    assert [[p.global_name for p in b.params] for b in grads.buckets] == \
+        [["out.bias", "fc2.weight"], ["fc1.weight"], ["norm.weight"]]
 
 
 def test_buffers_accumulate_in_fp32_and_reverse_creation_order():
@@ -223,8 +241,23 @@ def test_overlap_refuses_a_second_backward_outside_no_sync_and_syncs_unused_para
     assert not any(b.launched for b in grads.buckets)
 
 
+def test_declared_microbatch_count_starts_buckets_after_the_last_one():
+    pstate = ParallelState.single()
+    model = ToyTPModel(pstate, full_toy_params())
+    grads = DataParallelGrads([model], pstate, bucket_size=4, overlap_grad_reduce=True)
+    grads.set_microbatches_per_step(2)
+    x, y = toy_batch(0)
+    ((model(x) - y) ** 2).mean().backward()
+    assert not any(b.launched for b in grads.buckets)
+    ((model(x) - y) ** 2).mean().backward()
+    assert all(b.launched for b in grads.buckets)
+    with pytest.raises(RuntimeError, match="set_microbatches_per_step"):
+        ((model(x) - y) ** 2).mean().backward()
+
+
 # ---- parity --------------------------------------------------------------------------------------
-LAYOUTS = [(dist_opt, overlap) for dist_opt in (False, True) for overlap in (False, True)]
+LAYOUTS = [(dist_opt, overlap, count) for dist_opt in (False, True)
+           for overlap, count in ((False, False), (True, False), (True, True))]
 
 
 def _parity_worker(rank, world):
@@ -232,9 +265,9 @@ def _parity_worker(rank, world):
     for tp in (2, 1):
         pstate = ParallelState.build(tp=tp)
         micro_batch = GLOBAL_BATCH // pstate.dp_size // 2  # two micro-batches per rank
-        for dist_opt, overlap in LAYOUTS:
-            results[(tp, pstate.dp_size, dist_opt, overlap)] = train_toy(
-                pstate, dist_opt, overlap, micro_batch)
+        for dist_opt, overlap, count in LAYOUTS:
+            results[(tp, pstate.dp_size, dist_opt, overlap, count)] = train_toy(
+                pstate, dist_opt, overlap, micro_batch, count)
     return results
 
 
@@ -255,13 +288,14 @@ def test_dp_tp_and_distributed_optimizer_match_single_process_training():
     assert max(reference[1]) > OPTIM["clip_grad"], "clipping should be exercised"
     assert reference[0][-1] < reference[0][0]
     single = ParallelState.single()
-    for dist_opt, overlap in LAYOUTS:  # dp=1: all 8 samples in 4 micro-batches
-        _assert_close_run(train_toy(single, dist_opt, overlap, micro_batch=2), reference,
-                          f"dp=1 dist_opt={dist_opt} overlap={overlap}")
+    for dist_opt, overlap, count in LAYOUTS:  # dp=1: all 8 samples in 4 micro-batches
+        _assert_close_run(train_toy(single, dist_opt, overlap, 2, count), reference,
+                          f"dp=1 dist_opt={dist_opt} overlap={overlap} count={count}")
     per_rank = run_distributed(_parity_worker, 4)
     for rank, results in enumerate(per_rank):
-        assert len(results) == 8
-        for (tp, dp, dist_opt, overlap), run in results.items():
-            label = f"rank {rank} tp={tp} dp={dp} dist_opt={dist_opt} overlap={overlap}"
+        assert len(results) == 2 * len(LAYOUTS)
+        for (tp, dp, dist_opt, overlap, count), run in results.items():
+            label = (f"rank {rank} tp={tp} dp={dp} dist_opt={dist_opt} overlap={overlap} "
+                     f"count={count}")
             _assert_close_run(run, reference, label)
             assert run[3] == overlap, f"buckets launched during backward: {label}"

@@ -122,6 +122,17 @@ def test_weight_decay_only_on_matrices(dist_opt):
         torch.testing.assert_close(p.detach(), before[p.global_name] * factor)
 
 
+@pytest.mark.parametrize("dist_opt", [False, True])
+def test_reload_model_params_refreshes_the_fp32_main_copy(dist_opt):
+    model, grads, opt = _setup(ParallelState.single(), torch.bfloat16, dist_opt=dist_opt, bf16=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-2)
+    assert not all(torch.equal(s.main_param, s.model_part().float()) for s in opt.shards)
+    opt.reload_model_params()
+    assert all(torch.equal(s.main_param.view(-1), s.model_part().float()) for s in opt.shards)
+
+
 def test_param_state_refuses_a_mismatched_range_and_build_checks_settings():
     model, grads, opt = _setup(ParallelState.single())
     state = opt.param_state()

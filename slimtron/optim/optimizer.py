@@ -187,6 +187,14 @@ class MixedPrecisionOptimizer:
                 shard.model_part().copy_(shard.main_param.view(-1))
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 main copies from the model parameters (after loading weights into the
+        model without optimizer state)."""
+        for shard in self.shards:
+            if shard.copy_back:
+                shard.main_param.view(-1).copy_(shard.model_part())
+
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "num_skipped": self.num_skipped,
                 "lr_scheduler": self.scheduler.state_dict(),

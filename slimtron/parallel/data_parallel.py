@@ -18,8 +18,10 @@ two model chunks. ``finish_grad_sync()`` averages every bucket over the data-par
 
 With ``overlap_grad_reduce``, a bucket's collective starts asynchronously as soon as all its
 parameters' gradients are ready during the last micro-batch's backward; the caller runs the other
-micro-batches inside ``no_sync()`` (as with torch DDP). ``finish_grad_sync()`` launches whatever has
-not started (e.g. buckets holding unused parameters) and waits for all of them.
+micro-batches inside ``no_sync()`` (as with torch DDP), or, when it cannot tell (pipeline
+schedules), declares the number of micro-batches with ``set_microbatches_per_step(m)`` so that a
+bucket starts once each of its parameters has had ``m`` gradients. ``finish_grad_sync()`` launches
+whatever has not started (e.g. buckets holding unused parameters) and waits for all of them.
 """
 from __future__ import annotations
 
@@ -49,14 +51,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def plan_buffer(numels: list, chunk_ids: list, bucket_size: int, pad_to: int = 1):
+def plan_buffer(numels: list, chunk_ids: list, bucket_size: int, pad_to: int = 1,
+                isolated: Optional[list] = None):
     """Lay out parameters (given in buffer order) into buckets.
 
     Returns ``(offsets, buckets, total)``: each parameter's start offset, the bucket plans, and the
     buffer size. A bucket closes once it holds at least ``bucket_size`` elements or when the next
     parameter belongs to another model chunk; each bucket's size is padded to a multiple of
-    ``pad_to``.
+    ``pad_to``. An ``isolated`` parameter gets a bucket of its own.
     """
+    isolated = isolated or [False] * len(numels)
     offsets, buckets, members = [], [], []
     position = bucket_start = 0
 
@@ -68,12 +72,12 @@ def plan_buffer(numels: list, chunk_ids: list, bucket_size: int, pad_to: int = 1
         members = []
 
     for index, (numel, chunk) in enumerate(zip(numels, chunk_ids)):
-        if members and chunk != chunk_ids[members[-1]]:
+        if members and (chunk != chunk_ids[members[-1]] or isolated[index]):
             close()
         offsets.append(position)
         position += numel
         members.append(index)
-        if position - bucket_start >= bucket_size:
+        if position - bucket_start >= bucket_size or isolated[index]:
             close()
     if members:
         close()
@@ -96,23 +100,27 @@ class Bucket:
         self.param_data = param_data
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, grads_per_step: int = 1) -> None:
         self.handle = None
         self.launched = False
-        self._waiting = {id(p) for p in self.params}
+        self._remaining = {id(p): grads_per_step for p in self.params}
+        self._incomplete = len(self.params)
 
     def shard(self, data: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
         size = data.numel() // dp_size
         return data[dp_rank * size:(dp_rank + 1) * size]
 
     def mark_ready(self, param: torch.Tensor) -> bool:
-        """Record that ``param``'s gradient is complete; True when the whole bucket is."""
-        if self.launched or id(param) not in self._waiting:
+        """Count one gradient of ``param`` towards the step; True once the whole bucket is done."""
+        if self.launched or self._remaining[id(param)] == 0:
             raise RuntimeError(
                 f"gradient of {param_label(param)} arrived after its bucket's reduction started: "
-                "run every micro-batch but the last inside DataParallelGrads.no_sync()")
-        self._waiting.discard(id(param))
-        return not self._waiting
+                "run every micro-batch but the last inside DataParallelGrads.no_sync(), or call "
+                "set_microbatches_per_step()")
+        self._remaining[id(param)] -= 1
+        if self._remaining[id(param)] == 0:
+            self._incomplete -= 1
+        return self._incomplete == 0
 
 
 class GradBuffer:
@@ -124,8 +132,11 @@ class GradBuffer:
         self.params = params
         self.dtype = params[0].dtype
         device = params[0].device
+        # The tied embedding's grad is all-reduced between first and last stage after the DP
+        # reduction: a bucket of its own gives it the same DP ranges on both stages.
+        isolated = [bool(getattr(p, "shared_embedding", False)) for p in params]
         offsets, plans, total = plan_buffer([p.numel() for p in params], chunk_ids, bucket_size,
-                                            pad_to)
+                                            pad_to, isolated)
         self.numel = total
         self.grad_data = torch.zeros(total, dtype=grad_dtype, device=device)
         self.param_data = (torch.zeros(total, dtype=self.dtype, device=device)
@@ -179,6 +190,7 @@ class DataParallelGrads:
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self._sync_enabled = True
+        self._grads_per_step = 1
 
         params, chunk_ids = _trainable_params_in_buffer_order(model_chunks)
         if not params:
@@ -228,6 +240,16 @@ class DataParallelGrads:
         finally:
             self._sync_enabled = previous
 
+    def set_microbatches_per_step(self, count: int) -> None:
+        """With overlap_grad_reduce, the alternative to ``no_sync()`` for callers (pipeline
+        schedules) that cannot tell which backward is a parameter's last: a bucket starts once
+        each of its parameters has received ``count`` gradients in the step."""
+        if count < 1:
+            raise ConfigError(f"micro-batches per step must be at least 1, got {count}")
+        self._grads_per_step = count
+        for bucket in self.buckets:
+            bucket.reset(count)
+
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True
         if self.dp_size == 1:
@@ -248,13 +270,13 @@ class DataParallelGrads:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
-            bucket.reset()
+            bucket.reset(self._grads_per_step)
 
     def zero_grad(self) -> None:
         for buffer in self.buffers:
             buffer.grad_data.zero_()
         for bucket in self.buckets:
-            bucket.reset()
+            bucket.reset(self._grads_per_step)
         for param in self.params:
             param.grad = None
 

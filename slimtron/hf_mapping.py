@@ -285,9 +285,11 @@ def hf_config(cfg: ModelConfig, torch_dtype: torch.dtype, bos: Optional[int] = N
 def _rope_theta(hf: dict, where: str) -> float:
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"{where}: rope type {kind!r} (rope scaling) is not supported by slimtron")
+    # transformers 5 writes rope_parameters, earlier releases rope_scaling: refuse either kind.
+    for kind in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if kind not in (None, "default"):
+            raise ConfigError(f"{where}: rope type {kind!r} (rope scaling) is not supported by "
+                              "slimtron")
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 

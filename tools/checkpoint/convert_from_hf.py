@@ -167,7 +167,7 @@ def _common(config: Config, tp: int, pp: int) -> dict:
     return {"format_version": checkpointing.FORMAT_VERSION, "iteration": 0,
             "consumed_samples": 0, "config": config.to_dict(),
             "layout": {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp},
-            "scheduler": None, "optimizer": None, "extra": {"converted_from": "huggingface"}}
+            "optimizer": None, "extra": {"converted_from": "huggingface"}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,6 +13,10 @@ from slimtron.data.indexed_dataset import IndexedDataset
 from slimtron.data.tokenizers import GPTSentencePieceTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import merge_datasets  # noqa: E402  (tools/ is not a package; error paths run in-process)
+import preprocess_data  # noqa: E402
+
 MODEL = str(REPO / "data" / "tokenizer" / "kjv_bpe8k.model")
 SPLIT_KEY = "meta.redpajama_set_name"
 
@@ -25,11 +29,14 @@ def run_tool(tool, *args, check=True):
     return proc
 
 
-def preprocess(inputs, prefix, *extra, check=True):
+def preprocess_args(inputs, prefix, *extra):
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    return run_tool("preprocess_data.py", "--input", *inputs, "--output-prefix", prefix,
-                    "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", MODEL,
-                    *extra, check=check)
+    return [str(a) for a in ("--input", *inputs, "--output-prefix", prefix, "--tokenizer-type",
+                             "GPTSentencePieceTokenizer", "--tokenizer-model", MODEL, *extra)]
+
+
+def preprocess(inputs, prefix, *extra, check=True):
+    return run_tool("preprocess_data.py", *preprocess_args(inputs, prefix, *extra), check=check)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +91,6 @@ def test_workers_give_identical_output_and_eod(tmp_path, records, tokenizer):
 
 def test_split_by_meta_and_merge(tmp_path, records, tokenizer):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
-    proc = preprocess(corpus, tmp_path / "out" / "kjv", "--split-by-meta", SPLIT_KEY,
-                      "--workers", 2, "--lines-per-batch", 9, "--append-eod", check=False)
-    assert proc.returncode == 2 and "directory" in proc.stderr  # tmp_path/out does not exist
     (tmp_path / "out").mkdir()
     proc = preprocess(corpus, tmp_path / "out" / "kjv", "--split-by-meta", SPLIT_KEY,
                       "--workers", 2, "--lines-per-batch", 9, "--append-eod")
@@ -113,9 +117,6 @@ def test_split_by_meta_and_merge(tmp_path, records, tokenizer):
     pair = run_tool("merge_datasets.py", "--input", tmp_path / "out" / "kjv_wisdom_text_document",
                     tmp_path / "out" / "kjv_law_text_document", "--output-prefix", tmp_path / "p")
     assert f"{len(by_set['wisdom']) + len(by_set['law'])} documents" in pair.stdout
-    missing = run_tool("merge_datasets.py", "--input", tmp_path / "nope", "--output-prefix",
-                       tmp_path / "q", check=False)
-    assert missing.returncode == 2 and "nope.bin does not exist" in missing.stderr
 
 
 BAD_LINES = [  # (line, reason); each is a separate kind
@@ -163,9 +164,17 @@ def test_gzip_zst_and_glob_inputs_match_plain(tmp_path, records):
     assert read_files(tmp_path / "plain_text_document") == \
         read_files(tmp_path / "packed_text_document")
 
+
+def test_unusable_inputs_fail_with_one_line(tmp_path, capsys):
     (tmp_path / "broken.jsonl.zst").write_bytes(b"not zstd at all")
-    broken = preprocess(tmp_path / "broken.jsonl.zst", tmp_path / "broken", check=False)
-    assert broken.returncode == 2 and "broken.jsonl.zst: cannot read" in broken.stderr
-    absent = preprocess(tmp_path / "absent*.jsonl", tmp_path / "absent", check=False)
-    assert absent.returncode == 2 and "absent*.jsonl: no such file" in absent.stderr
-    assert not list(tmp_path.glob("broken_*")) and not list(tmp_path.glob("absent_*"))
+    assert preprocess_data.main(preprocess_args(tmp_path / "broken.jsonl.zst", tmp_path / "b")) == 2
+    assert "broken.jsonl.zst: cannot read" in capsys.readouterr().err
+    assert preprocess_data.main(preprocess_args(tmp_path / "absent*.jsonl", tmp_path / "a")) == 2
+    assert "--input " + str(tmp_path / "absent*.jsonl") + ": no such file" in capsys.readouterr().err
+    assert list(tmp_path.glob("b_*")) == [] and list(tmp_path.glob("a_*")) == []
+    with pytest.raises(SystemExit):
+        preprocess_data.main(preprocess_args(tmp_path / "broken.jsonl.zst", tmp_path / "no" / "x"))
+    assert "directory" in capsys.readouterr().err
+    assert merge_datasets.main(["--input", str(tmp_path / "nope"), "--output-prefix",
+                                str(tmp_path / "q")]) == 2
+    assert "nope.bin does not exist" in capsys.readouterr().err

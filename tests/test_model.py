@@ -1,6 +1,5 @@
 """The single-process model: architecture against a plain-torch reference, padding, initialisation,
 pipeline chunk building, recomputation, validation, meta builds; plus one 2-rank pipeline run."""
-import io
 import math
 
 import pytest
@@ -35,17 +34,6 @@ def batch(cfg: ModelConfig, b: int = 2, seed: int = 0):
     tokens = torch.randint(0, cfg.vocab_size, (b, cfg.seq_length), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (b, cfg.seq_length), generator=g)
     return tokens, labels
-
-
-def pack(obj) -> bytes:
-    """Tensors as plain bytes: a forked rank may exit before the parent maps shared-memory tensors."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def unpack(data: bytes):
-    return torch.load(io.BytesIO(data))
 
 
 # ---- an independent plain-torch forward, from the full state dict ----------------------------
@@ -244,12 +232,12 @@ def _pipeline_worker(rank, world):
         dist.send(x.grad, pstate.prev_stage_rank)
     before = model.embedding.word_embeddings.weight.grad.clone()
     allreduce_embedding_grads([model], pstate)
-    return pack({"embedding_before": before,
-                 "grads": {p.global_name: p.grad for p in model.parameters()}})
+    return {"embedding_before": before,
+            "grads": {p.global_name: p.grad for p in model.parameters()}}
 
 
 def test_pipeline_stages_over_real_groups_match_single_model():
-    results = [unpack(r) for r in run_distributed(_pipeline_worker, 2)]
+    results = run_distributed(_pipeline_worker, 2)
     cfg = tiny("gpt2")
     single = GPTModel(cfg, SINGLE)
     tokens, labels = batch(cfg)

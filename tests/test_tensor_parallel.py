@@ -12,7 +12,7 @@ from slimtron.parallel.random import RNGStatesTracker, seed_default_generators
 from slimtron.parallel.sharding import shard, unshard, unshard_like
 from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
-from tests.test_model import batch, pack, tiny, unpack
+from tests.test_model import batch, tiny
 
 SINGLE = ParallelState.single()
 
@@ -161,12 +161,12 @@ def _four_rank_worker(rank, world):
                "parity": []}
     for kind, overrides, tp, sp in PARITY_CASES:
         results["parity"].append(_train_step(tiny(kind, **overrides), states[tp], sp))
-    return pack(results)
+    return results
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return [unpack(r) for r in run_distributed(_four_rank_worker, 4)]
+    return run_distributed(_four_rank_worker, 4)
 
 
 def test_collectives_forward_and_backward(four_ranks):

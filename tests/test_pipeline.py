@@ -33,8 +33,8 @@ def loss_of(output, microbatch, m):
 def chunk_layer_ids(pp, stage, v):
     """Megatron's interleaved assignment: chunk c of stage s starts at c*L/v + s*L/(pp*v)."""
     per_chunk = LAYERS // (pp * v)
-    return [list(range(c * LAYERS // v + stage * per_chunk, c * LAYERS // v + (stage + 1) * per_chunk))
-            for c in range(v)]
+    starts = [c * LAYERS // v + stage * per_chunk for c in range(v)]
+    return [list(range(start, start + per_chunk)) for start in starts]
 
 
 def sgd_step(modules):

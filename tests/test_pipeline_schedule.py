@@ -96,6 +96,14 @@ def test_all_stages_run_together_without_deadlock(forward_only):
             assert ran == [a for a in schedules[stage] if a.kind.is_compute]
 
 
+def test_transfers_match_even_without_tags():
+    # With two stages (or interleaving) a neighbour is both next and previous stage; the schedules
+    # keep activations and grads in the same order on both ends, so tags are only a second guard.
+    for p, m, v in LAYOUTS:
+        for forward_only in (False, True):
+            simulate(all_schedules(p, m, v, forward_only), v, tagged=False)
+
+
 @pytest.mark.parametrize("backward_cost", [1.0, 2.0])
 def test_bubble_of_one_f_one_b_is_p_minus_1_over_m_plus_p_minus_1(backward_cost):
     for p in (1, 2, 3, 4, 8):
@@ -103,6 +111,13 @@ def test_bubble_of_one_f_one_b_is_p_minus_1_over_m_plus_p_minus_1(backward_cost)
             timeline = simulate(all_schedules(p, m, 1), backward_cost=backward_cost)
             assert timeline.bubble_fraction() == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
             assert timeline.makespan == pytest.approx((m + p - 1) * (1 + backward_cost))
+
+
+def test_transfer_cost_lies_on_the_critical_path():
+    # p=2, m=1: F on stage 0, activation over, F and B on stage 1, grad back, B on stage 0.
+    timeline = simulate(all_schedules(2, 1, 1), transfer_cost=0.5)
+    assert timeline.makespan == pytest.approx(4 + 2 * 0.5)
+    assert timeline.intervals[0][-1][:2] == pytest.approx((5 - 1, 5))
 
 
 def test_interleaving_divides_the_ideal_bubble_by_v():
@@ -118,8 +133,8 @@ def test_simulator_detects_deadlock_and_unmatched_messages():
     # Interleaving with a batch after every single compute (sending a forward's output before the
     # backward that follows it) deadlocks: the simulator must say so.
     p, m, v = 2, 4, 2
-    unpaired = [with_transfers([[c] for rnd in interleaved_rounds(p, s, m, v) for c in rnd], p, s, v)
-                for s in range(p)]
+    unpaired = [with_transfers([[c] for rnd in interleaved_rounds(p, s, m, v) for c in rnd],
+                               p, s, v) for s in range(p)]
     with pytest.raises(ScheduleError, match="deadlocks"):
         simulate(unpaired, v)
     schedules = all_schedules(3, 4, 1)

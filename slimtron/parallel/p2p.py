@@ -4,9 +4,10 @@ Activations travel forward (to ``pstate.next_stage_rank``), their grads backward
 ``pstate.prev_stage_rank``); both are ``[s, b, h]`` tensors (``[s/tp, b, h]`` under sequence
 parallelism) of one known shape and dtype, so receivers allocate their buffers without a handshake.
 Every transfer of one step is posted in a single ``batch_isend_irecv`` and waited for together,
-which is what keeps two neighbours that send to each other at once from deadlocking. Each
-direction has its own tag: with two stages (or interleaving) the next and previous stage can be the
-same rank, and the tag keeps an activation from being matched with a grad.
+which is what keeps two neighbours that send to each other at once from deadlocking. With two
+stages (or interleaving) the next and previous stage can be the same rank; the schedules post
+activations and grads in the same order on both ends (``simulate(..., tagged=False)`` checks it),
+and each direction also has its own tag so that an activation is never matched with a grad.
 """
 from __future__ import annotations
 

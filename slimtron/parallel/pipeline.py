@@ -79,8 +79,8 @@ class _StageRun:
                                        input_tensor)
         if action.chunk == self.loss_chunk:
             if output.numel() != 1:
-                raise ValueError(f"forward_step of the last chunk must return the scalar loss, "
-                                 f"got shape {tuple(output.shape)} for micro-batch {action.microbatch}")
+                raise ValueError("forward_step of the last chunk must return the scalar loss, got "
+                                 f"shape {tuple(output.shape)} for micro-batch {action.microbatch}")
             self.losses[action.microbatch] = output.detach()
             target = output
         else:
@@ -99,7 +99,7 @@ class _StageRun:
         if input_tensor is not None:
             if input_tensor.grad is None:
                 raise RuntimeError(f"output of chunk {action.chunk} does not depend on its input "
-                                   f"tensor (micro-batch {action.microbatch}): no grad to send back")
+                                   f"(micro-batch {action.microbatch}): no grad to send back")
             self.input_grads[key] = input_tensor.grad
 
     def transfer(self, batch: list[Action]) -> None:
@@ -127,8 +127,8 @@ class _StageRun:
 def _gradient_edge(output: torch.Tensor, action: Action):
     """The autograd edge of an output: backward through it needs neither the tensor nor its data."""
     if not output.requires_grad:
-        raise ValueError(f"output of chunk {action.chunk} (micro-batch {action.microbatch}) does not "
-                         "require grad; forward_step must return a tensor in the autograd graph")
+        raise ValueError(f"output of chunk {action.chunk} (micro-batch {action.microbatch}) does "
+                         "not require grad: it must be part of the autograd graph")
     return get_gradient_edge(output)
 
 

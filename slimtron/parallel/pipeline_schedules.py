@@ -17,7 +17,8 @@ goes to the first stage's chunk c+1 (and its grad comes back the same way).
 
 ``simulate`` runs every stage's list against the others with rendezvous semantics (a send completes
 only when the matching receive is posted; messages match in order per sender, receiver and
-direction) and returns the timeline, so deadlock freedom and the bubble are checked without processes.
+direction) and returns the timeline, so deadlock freedom and the bubble are checked without
+processes.
 """
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ def steps(actions: list[Action]) -> list[list[Action]]:
 # ---------------------------------------------------------------------------------------------
 # Routing of transfers between stages
 
-def transfer_peer(action: Action, pp_size: int, stage: int, num_chunks: int) -> tuple[int, int, str]:
+def transfer_peer(action: Action, pp_size: int, stage: int,
+                  num_chunks: int) -> tuple[int, int, str]:
     """(sender stage, receiver stage, direction) of a transfer action."""
     nxt, prev = (stage + 1) % pp_size, (stage - 1) % pp_size
     return {
@@ -224,17 +226,20 @@ class Timeline:
 
 
 def simulate(schedules: list[list[Action]], num_chunks: int = 1, forward_cost: float = 1.0,
-             backward_cost: float = 1.0) -> Timeline:
-    """Run every stage's schedule with blocking batched transfers and zero-cost communication.
+             backward_cost: float = 1.0, transfer_cost: float = 0.0,
+             tagged: bool = True) -> Timeline:
+    """Run every stage's schedule with blocking batched transfers.
 
     A batch completes once every one of its transfers has its counterpart posted by the peer (the
-    k-th send on a (sender, receiver, direction) channel meets the k-th receive on it); it ends at
-    the latest posting time. Raises ``ScheduleError`` on deadlock, on a transfer whose two ends
-    disagree about the micro-batch or chunk, or on messages that would be left unmatched.
+    k-th send on a (sender, receiver, direction) channel meets the k-th receive on it); it ends
+    ``transfer_cost`` after the latest posting time. ``tagged=False`` matches messages by sender
+    and receiver only, as a backend without tags would. Raises ``ScheduleError`` on deadlock, on
+    a transfer whose two ends disagree about the micro-batch or chunk, or on messages that would
+    be left unmatched.
     """
     p = len(schedules)
     programs = [steps(s) for s in schedules]
-    counterpart = _match_transfers(programs, num_chunks)
+    counterpart = _match_transfers(programs, num_chunks, tagged)
     pc = [0] * p
     posted_at: list[list[float]] = [[0.0] for _ in range(p)]  # start time of each reached step
     intervals: list[list[tuple[float, float, Action]]] = [[] for _ in range(p)]
@@ -252,7 +257,8 @@ def simulate(schedules: list[list[Action]], num_chunks: int = 1, forward_cost: f
                     peers = [counterpart[(s, pc[s], action)] for action in step]
                     if any(pc[peer] < peer_step for peer, peer_step in peers):
                         break
-                    end = max([now] + [posted_at[peer][peer_step] for peer, peer_step in peers])
+                    end = transfer_cost + max(
+                        [now] + [posted_at[peer][peer_step] for peer, peer_step in peers])
                 pc[s] += 1
                 posted_at[s].append(end)
                 progress = True
@@ -264,7 +270,7 @@ def simulate(schedules: list[list[Action]], num_chunks: int = 1, forward_cost: f
     return Timeline(intervals, max(times[-1] for times in posted_at))
 
 
-def _match_transfers(programs: list[list[list[Action]]], num_chunks: int) -> dict:
+def _match_transfers(programs: list[list[list[Action]]], num_chunks: int, tagged: bool) -> dict:
     """Pair every transfer with its counterpart: (stage, step, action) -> (peer, peer's step)."""
     p = len(programs)
     channels: dict[tuple, dict[str, list[tuple[int, int, Action]]]] = {}
@@ -273,8 +279,9 @@ def _match_transfers(programs: list[list[list[Action]]], num_chunks: int) -> dic
             for action in step:
                 if not action.kind.is_compute:
                     side = "send" if action.kind in (Kind.SEND_FWD, Kind.SEND_BWD) else "recv"
-                    channel = channels.setdefault(transfer_peer(action, p, s, num_chunks),
-                                                  {"send": [], "recv": []})
+                    src, dst, direction = transfer_peer(action, p, s, num_chunks)
+                    key = (src, dst, direction if tagged else "all")
+                    channel = channels.setdefault(key, {"send": [], "recv": []})
                     channel[side].append((s, index, action))
     counterpart = {}
     for (src, dst, direction), sides in channels.items():
@@ -282,7 +289,7 @@ def _match_transfers(programs: list[list[list[Action]]], num_chunks: int) -> dic
             raise ScheduleError(f"stage {src} sends {len(sides['send'])} {direction} messages to "
                                 f"stage {dst}, which receives {len(sides['recv'])}")
         for send, recv in zip(sides["send"], sides["recv"]):
-            if delivered_as(send[2], p, src) != recv[2]:
+            if delivered_as(send[2], p, src) != recv[2]:  # also catches a grad met by an activation
                 raise ScheduleError(f"stage {src} sends {send[2]} to stage {dst}, "
                                     f"which expects {recv[2]}")
             counterpart[send] = recv[:2]

@@ -14,7 +14,7 @@ IN, HIDDEN, OUT = 6, 8, 3
 GLOBAL_BATCH, STEPS = 8, 5
 
 
-# ---- a toy model with Megatron's TP MLP structure -------------------------------------------------
+# ---- a toy model with Megatron's TP MLP structure ------------------------------------------------
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the input gradient over TP backward."""
 
@@ -223,6 +223,11 @@ def test_buffers_accumulate_in_fp32_and_reverse_creation_order():
         torch.testing.assert_close(p.main_grad, expected[p.global_name])
     grads.zero_grad()
     assert buffer.grad_data.abs().sum() == 0
+    # Rebuilding the buffers moves the model to the new ones; the old hook no longer adds.
+    rebuilt = DataParallelGrads([model], ParallelState.single(), bucket_size=20)
+    ((model(x) - y) ** 2).mean().backward()
+    assert buffer.grad_data.abs().sum() == 0
+    torch.testing.assert_close(rebuilt.params[0].main_grad, expected["out.bias"] / 2)
 
 
 def test_overlap_refuses_a_second_backward_outside_no_sync_and_syncs_unused_params():

@@ -47,6 +47,11 @@ def test_dynamic_scaler_stops_at_min_scale_and_round_trips_its_state():
 def test_constant_scaler_never_changes_and_bad_scalers_are_refused():
     scaler = ConstantLossScaler(128.0)
     assert _feed(scaler, [True, False, True]) == [128.0] * 3
+    scaler.load_state_dict(ConstantLossScaler(4.0).state_dict())
+    assert scaler.scale == 128.0
+    dynamic = DynamicLossScaler(initial_scale=2.0 ** 16, hysteresis=3)
+    dynamic.load_state_dict(ConstantLossScaler(4.0).state_dict())
+    assert _feed(dynamic, [True, True, True]) == [4.0, 4.0, 2.0]
     with pytest.raises(ConfigError, match="min-loss-scale"):
         DynamicLossScaler(initial_scale=1, min_scale=2)
     with pytest.raises(ConfigError, match="loss-scale"):
@@ -172,8 +177,8 @@ def _norm_worker(rank, world):
         grads.append(grad.clone())
     norm = clip_grad_norm(params, grads, 1.0, pstate)
     coefficient = 1.0 / (norm + 1e-6)
-    expected = [(g * coefficient) for g in
-                [full[n] if d is None else full[n].chunk(2, d)[pstate.tp_rank] for n, d, _ in layout]]
+    local = [full[n] if d is None else full[n].chunk(2, d)[pstate.tp_rank] for n, d, _ in layout]
+    expected = [g * coefficient for g in local]
     clipped = all(torch.allclose(a, b) for a, b in zip(grads, expected))
     return norm, clipped
 

@@ -35,7 +35,7 @@ class ConstantLossScaler:
         return {"scale": self._scale}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale = float(state["scale"])
+        """The configured scale wins over a checkpoint's (nothing else to restore)."""
 
 
 class DynamicLossScaler:
@@ -86,5 +86,6 @@ class DynamicLossScaler:
 
     def load_state_dict(self, state: dict) -> None:
         self._scale = float(state["scale"])
-        self._growth_tracker = int(state["growth_tracker"])
-        self._hysteresis_tracker = int(state["hysteresis_tracker"])
+        # A checkpoint written with a constant scale has no trackers: start their counts afresh.
+        self._growth_tracker = int(state.get("growth_tracker", 0))
+        self._hysteresis_tracker = int(state.get("hysteresis_tracker", self.hysteresis))

@@ -7,7 +7,8 @@ With ``n`` updates done, the next update uses:
 - ``constant``: ``max_lr``;
 - ``n > decay_iters``: ``min_lr``;
 - otherwise, with ``r = (n - warmup) / (decay_iters - warmup)``:
-  ``min_lr + (max_lr - min_lr) * c`` where ``c = 1 - r`` (linear) or ``(cos(pi r) + 1) / 2`` (cosine).
+  ``min_lr + (max_lr - min_lr) * c`` where ``c = 1 - r`` (linear) or ``(cos(pi r) + 1) / 2``
+  (cosine).
 """
 from __future__ import annotations
 

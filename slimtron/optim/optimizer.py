@@ -255,7 +255,8 @@ class MixedPrecisionOptimizer:
         for key in ("main_param", "exp_avg", "exp_avg_sq"):
             if entry[key].numel() != shard.end - shard.start:
                 raise ValueError(f"optimizer parameter state {key} of {name} has "
-                                 f"{entry[key].numel()} elements, expected {shard.end - shard.start}")
+                                 f"{entry[key].numel()} elements, expected "
+                                 f"{shard.end - shard.start}")
         return entry
 
     def _set_adam_steps(self) -> None:

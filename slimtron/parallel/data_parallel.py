@@ -207,7 +207,13 @@ class DataParallelGrads:
                     self._bucket_of[id(param)] = bucket
                     self._buffer_of[id(param)] = buffer
         for param in params:
-            param.register_post_accumulate_grad_hook(self._on_grad_ready)
+            # A model given to a new DataParallelGrads moves to its buffers: drop the old hook so
+            # that gradients are not added twice.
+            previous = getattr(param, "_slimtron_grad_hook", None)
+            if previous is not None:
+                previous.remove()
+            param._slimtron_grad_hook = param.register_post_accumulate_grad_hook(
+                self._on_grad_ready)
 
     @staticmethod
     def _group_by_dtype(params, chunk_ids):
@@ -298,7 +304,7 @@ class DataParallelGrads:
         return lo - start, hi - start
 
     def gather_params(self) -> None:
-        """All-gather every rank's updated range of the parameter buffers (distributed optimizer)."""
+        """All-gather every rank's updated range of the parameter buffers (dist-opt)."""
         if not self.use_distributed_optimizer or self.dp_size == 1:
             return
         handles = []

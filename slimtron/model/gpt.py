@@ -145,7 +145,9 @@ class GPTModel(nn.Module):
     def forward(self, tokens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
-                hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hidden_states: Optional[torch.Tensor] = None,
+                kv_cache=None) -> torch.Tensor:
+        """``kv_cache``: a ``slimtron.generation.KVCache`` (generation only)."""
         if self.pre_process:
             if tokens is None:
                 raise ValueError("GPTModel.forward: the first pipeline stage needs tokens")
@@ -158,7 +160,7 @@ class GPTModel(nn.Module):
             if hidden_states is None:
                 raise ValueError("GPTModel.forward: a later pipeline stage needs hidden_states")
             x = hidden_states
-        x = self.decoder(x, self._rotary(x, position_ids))
+        x = self.decoder(x, self._rotary(x, position_ids), kv_cache)
         if not self.post_process:
             return x
         logits = self.output_layer(x, weight=self.shared_embedding_or_output_weight())

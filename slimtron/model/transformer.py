@@ -141,7 +141,7 @@ class SelfAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, pstate,
             bias=config.add_bias_linear, input_is_parallel=True, **layer)
 
-    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
@@ -149,6 +149,8 @@ class SelfAttention(nn.Module):
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:  # generation: attend over earlier steps' keys too
+            return self.linear_proj(kv_cache.attend(self, q, k, v))
         if self.selective_recompute:
             core = checkpoint_with_rng(self._core_attention, self.rng_tracker, q, k, v)
         else:
@@ -218,8 +220,8 @@ class TransformerLayer(nn.Module):
         return hidden_dropout(x, self.hidden_dropout, self.training, self.sequence_parallel,
                               self.rng_tracker)
 
-    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
-        x = x + self._dropout(self.self_attention(self.input_layernorm(x), rotary))
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
+        x = x + self._dropout(self.self_attention(self.input_layernorm(x), rotary, kv_cache))
         return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
@@ -248,9 +250,10 @@ class TransformerBlock(nn.Module):
             return h
         return checkpoint_with_rng(run, self.rng_tracker, x, *(rotary or ()))
 
-    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
         layers = list(self.layers.values())
-        full = self.recompute is not None and self.recompute.granularity == "full"
+        full = (self.recompute is not None and self.recompute.granularity == "full"
+                and kv_cache is None)
         if full and self.recompute.method == "uniform":
             step = self.recompute.num_layers
             for start in range(0, len(layers), step):
@@ -258,7 +261,8 @@ class TransformerBlock(nn.Module):
         else:
             checkpointed = self.recompute.num_layers if full else 0  # "block": the first n layers
             for i, layer in enumerate(layers):
-                x = self._checkpointed([layer], x, rotary) if i < checkpointed else layer(x, rotary)
+                x = (self._checkpointed([layer], x, rotary) if i < checkpointed
+                     else layer(x, rotary, kv_cache))
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

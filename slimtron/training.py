@@ -282,6 +282,9 @@ def setup(config: Config, world_size: Optional[int] = None) -> Engine:
                                 train_iters=config.training.train_iters)
     t = config.training
     num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
+    # The pipeline interleaves micro-batches, so "last micro-batch" is per parameter: a bucket's
+    # reduction starts once each of its parameters has had all its gradients for the step.
+    grads.set_microbatches_per_step(num_micro)
     engine = Engine(config, pstate, model_chunks, grads, optimizer, tokenizer, (None,) * 3,
                     TrainState(), params_dtype, num_micro)
     if t.load:

@@ -15,21 +15,23 @@ from tests.distributed import run_distributed
 STEPS = 5
 
 
-def tiny_config(tp=1, pp=1, sp=False, dist_opt=False, vp_layers=None, arch="llama") -> Config:
+def tiny_config(tp=1, pp=1, sp=False, dist_opt=False, vp_layers=None, arch="llama",
+                overlap=False) -> Config:
     if arch == "llama":
-        model = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+        model = ModelConfig(num_layers=8, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                             num_query_groups=2, seq_length=16, vocab_size=200,
                             normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
                             add_bias_linear=False, untie_embeddings_and_output_weights=True,
                             hidden_dropout=0.0, attention_dropout=0.0)
     else:
-        model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+        model = ModelConfig(num_layers=8, hidden_size=32, num_attention_heads=4, seq_length=16,
                             vocab_size=200, hidden_dropout=0.0, attention_dropout=0.0)
     return Config(
         model=model,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 sequence_parallel=sp, use_distributed_optimizer=dist_opt,
-                                num_layers_per_virtual_pipeline_stage=vp_layers, bucket_size=2000),
+                                num_layers_per_virtual_pipeline_stage=vp_layers, bucket_size=2000,
+                                overlap_grad_reduce=overlap),
         optim=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, clip_grad=0.5,
                               weight_decay=0.1),
         data=DataConfig(mock_data=True),
@@ -70,11 +72,14 @@ def run_layout(config, world):
 
 
 def assert_close_params(params, reference):
+    """1e-5 relative, with an absolute floor of 1e-5: elements whose gradient nearly cancels get
+    reduction-order noise amplified by Adam's normalisation (seen: 3e-6 on one element); a real
+    fault (a missing reduction, a wrong shard) moves parameters by about lr = 3e-3 per step."""
     assert params.keys() == reference.keys()
     for name, ref in reference.items():
         got = params[name]
         rows = min(got.shape[0], ref.shape[0])  # padded vocabulary may differ with tp
-        torch.testing.assert_close(got[:rows], ref[:rows], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[:rows], ref[:rows], rtol=1e-5, atol=1e-5, msg=name)
 
 
 LAYOUTS = {  # name: (world, config kwargs)
@@ -83,19 +88,23 @@ LAYOUTS = {  # name: (world, config kwargs)
     "dp2": (2, dict()),
     "tp2-pp2-sp": (4, dict(tp=2, pp=2, sp=True)),
     "tp2-pp2-dp2-sp-distopt": (8, dict(tp=2, pp=2, sp=True, dist_opt=True)),
-    "pp4-interleaved-v2": (4, dict(pp=4, vp_layers=1, )),
+    "pp4-interleaved-v2": (4, dict(pp=4, vp_layers=1)),
+    "gpt2-tp2-pp2-dp2-sp-distopt-overlap": (8, dict(tp=2, pp=2, sp=True, dist_opt=True,
+                                                    arch="gpt2", overlap=True)),
+    "dp2-overlap": (2, dict(overlap=True)),
+    "gpt2-pp4-interleaved-v2": (4, dict(pp=4, vp_layers=1, arch="gpt2")),
 }
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return run_layout(tiny_config(), 1)
+def references():
+    return {arch: run_layout(tiny_config(arch=arch), 1) for arch in ("llama", "gpt2")}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference):
+def test_layout_matches_single_process(name, references):
     world, kwargs = LAYOUTS[name]
-    ref_losses, ref_params = reference
+    ref_losses, ref_params = references[kwargs.get("arch", "llama")]
     losses, params = run_layout(tiny_config(**kwargs), world)
     assert len(losses) == STEPS
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(losses, ref_losses), 1):

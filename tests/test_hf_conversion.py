@@ -148,6 +148,7 @@ def test_llama_from_tp2_pp2_loads_in_transformers_with_same_logits(llama_hf):
     index = json.load(open(os.path.join(llama_hf, "model.safetensors.index.json")))
     files = set(index["weight_map"].values())
     assert len(files) > 1 and all(os.path.exists(os.path.join(llama_hf, f)) for f in files)
+    assert sorted(f for f in os.listdir(llama_hf) if f.endswith(".safetensors")) == sorted(files)
     config = json.load(open(os.path.join(llama_hf, "config.json")))
     assert config["num_key_value_heads"] == 2 and config["architectures"] == ["LlamaForCausalLM"]
     assert_same_logits(reference_model(llama_config()), hf_load(llama_hf, "LlamaForCausalLM"),

@@ -52,28 +52,37 @@ def hf_tensors(saved: _SavedShards, cfg: ModelConfig, dtype: torch.dtype
 
 def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: str,
                       max_shard_bytes: int) -> list[str]:
-    """Write shards of at most ``max_shard_bytes`` (a larger single tensor gets its own shard).
-    Returns the file names; with more than one, the index maps every tensor to its file."""
+    """Write shards of at most ``max_shard_bytes`` (a larger single tensor gets its own shard),
+    each as soon as it is full, so that memory holds one shard. Returns the file names; with more
+    than one, ``model.safetensors.index.json`` maps every tensor to its file."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    written: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
+    shard: dict[str, torch.Tensor] = {}
+    total = size = 0
+
+    def flush():
+        path = os.path.join(out_dir, f"shard{len(written):05d}.part")
+        save_file(shard, path, metadata={"format": "pt"})
+        written.append((path, list(shard)))
+
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += nbytes
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    for file_name, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, file_name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes)},
-                 "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    n = len(written)
+    names = (["model.safetensors"] if n == 1 else
+             [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+    for (path, _), file_name in zip(written, names):
+        os.replace(path, os.path.join(out_dir, file_name))
+    if n > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: f for (_, ts), f in zip(written, names) for t in ts}}
         with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return names

@@ -278,3 +278,35 @@ def test_transformers_llama_with_gqa_imports_with_same_logits(tmp_path, capsys):
                             ({"model_type": "mistral"}, "model_type 'mistral' is not supported")):
         with pytest.raises(ConfigError, match=message):
             hf_mapping.model_config_from_hf({**hf_config.to_dict(), **change}, "config.json")
+
+
+def test_gpt2_weights_saved_without_the_lm_head_prefix_import(tmp_path):
+    """The original GPT-2 files hold the bare base model's names (``h.0.attn...``, ``wte.weight``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    hf_config = GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                           activation_function="gelu")
+    hf = GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # biases start at zero and norms at one: move them
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    hf.save_pretrained(hf_dir)
+    weights = os.path.join(hf_dir, "model.safetensors")
+    stored = load_file(weights)
+    assert all(k.startswith("transformer.") for k in stored)
+    save_file({k.removeprefix("transformer."): v for k, v in stored.items()}, weights,
+              metadata={"format": "pt"})
+    assert from_hf.main(["--hf", hf_dir, "--save", ckpt]) == 0
+    _, common = load_common(ckpt)
+    config = Config.from_dict(common["config"])
+    pstate = ParallelState.single()
+    model = build_model_chunks(config.model, pstate)[0].eval()
+    load_checkpoint(ckpt, [model], None, pstate=pstate, config=config, finetune=True)
+    assert_same_logits(model, hf, config.model)
+    # The usual GPT-2 activation is gelu's tanh approximation: imported, with a warning.
+    cfg, warnings = hf_mapping.model_config_from_hf(
+        {**hf_config.to_dict(), "activation_function": "gelu_new"}, "config.json")
+    assert cfg.num_layers == 2 and len(warnings) == 1 and "tanh approximation" in warnings[0]

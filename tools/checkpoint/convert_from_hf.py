@@ -58,10 +58,19 @@ class HFWeights:
         self.hf_dir = hf_dir
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ConfigError(f"--hf {self.hf_dir}: weights have no tensor {name}")
-        self.used.add(name)
-        return self.handles[self.where[name]].get_tensor(name)
+        stored = self._stored_name(name)
+        self.used.add(stored)
+        return self.handles[self.where[stored]].get_tensor(stored)
+
+    def _stored_name(self, name: str) -> str:
+        """Weights saved from the bare base model (e.g. the original GPT-2 files) lack the
+        ``transformer.`` / ``model.`` prefix of the LM-head class."""
+        if name in self.where:
+            return name
+        base, _, rest = name.partition(".")
+        if base in ("transformer", "model") and rest in self.where:
+            return rest
+        raise ConfigError(f"--hf {self.hf_dir}: weights have no tensor {name}")
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.where

@@ -202,6 +202,9 @@ def _gpt2(num_layers, hidden, heads, seq=1024, vocab=50257) -> ModelConfig:
 PRESETS = {
     "tiny-gpt2": lambda: _gpt2(num_layers=4, hidden=64, heads=4, seq=64, vocab=1000),
     "tiny-llama": lambda: _llama(num_layers=4, hidden=64, ffn=176, heads=4, groups=2, seq=64, vocab=1000),
+    # The CPU quickstart: small enough to train visibly on 8 CPU processes in a few minutes.
+    "quickstart-llama": lambda: _llama(num_layers=4, hidden=128, ffn=352, heads=4, groups=2, seq=128,
+                                       vocab=8000),
     "gpt2-124m": lambda: _gpt2(num_layers=12, hidden=768, heads=12),
     "gpt2-350m": lambda: _gpt2(num_layers=24, hidden=1024, heads=16),
     "llama-100m": lambda: _llama(num_layers=8, hidden=768, ffn=2048, heads=12, seq=1024),

@@ -8,6 +8,7 @@ The order of things in a step (each a module's job):
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import sys
@@ -56,6 +57,7 @@ class Engine:
     state: TrainState
     params_dtype: torch.dtype
     num_microbatches: int
+    available: tuple = (False, False, False)  # which splits exist (same on every rank)
 
 
 # ------------------------------------------------------------------------------------ logging
@@ -113,7 +115,8 @@ class TensorBoard:
 
 # --------------------------------------------------------------------------------------- data
 def build_datasets(config: Config, tokenizer, pstate: ParallelState):
-    """(train, valid, test) datasets; ranks that read no data (middle stages) get Nones."""
+    """(train, valid, test) datasets, and which of them exist (an empty split has none).
+    Ranks that read no data (middle pipeline stages) get Nones but the same availability."""
     from slimtron.data import build_train_valid_test_datasets
     from slimtron.data.mock_dataset import MockGPTDataset
 
@@ -121,16 +124,19 @@ def build_datasets(config: Config, tokenizer, pstate: ParallelState):
     gbs = t.global_batch_size
     eval_runs = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
     num_samples = (t.train_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs)
-    if not (pstate.is_first_stage or pstate.is_last_stage):
-        return None, None, None
     seq = config.model.seq_length
     if config.data.mock_data:
-        return tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i)
-                     for i, n in enumerate(num_samples))
-    return build_train_valid_test_datasets(
-        config.data.data_path, config.data.split, seq, t.seed, num_samples,
-        cache_dir=config.data.data_cache_path, eod_id=getattr(tokenizer, "eod", None),
-        eod_mask_loss=config.data.eod_mask_loss, pstate=pstate)
+        datasets = tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i)
+                         for i, n in enumerate(num_samples))
+    else:  # collective (rank 0 builds the index cache, the others wait): every rank calls it
+        datasets = tuple(build_train_valid_test_datasets(
+            config.data.data_path, config.data.split, seq, t.seed, num_samples,
+            cache_dir=config.data.data_cache_path, eod_id=getattr(tokenizer, "eod", None),
+            eod_mask_loss=config.data.eod_mask_loss, pstate=pstate))
+    available = tuple(d is not None for d in datasets)  # the same on every rank
+    if not (pstate.is_first_stage or pstate.is_last_stage):
+        datasets = (None, None, None)
+    return datasets, available
 
 
 def microbatches_for(dataset, first_sample: int, config: Config, pstate: ParallelState,
@@ -268,7 +274,8 @@ def setup(config: Config, world_size: Optional[int] = None) -> Engine:
     p = config.parallel
     vpp = p.virtual_pipeline_size(config.model.num_layers)
     pstate = ParallelState.build(p.tp, p.pp, p.data_parallel_size, device=device,
-                                 virtual_pp_size=vpp)
+                                 virtual_pp_size=vpp,
+                                 timeout=datetime.timedelta(minutes=p.distributed_timeout_minutes))
     seed = config.training.seed
     seed_default_generators(seed, pstate)
     params_dtype = DTYPES[config.optim.params_dtype_name]
@@ -289,7 +296,9 @@ def setup(config: Config, world_size: Optional[int] = None) -> Engine:
                     TrainState(), params_dtype, num_micro)
     if t.load:
         load(engine)
-    engine.datasets = build_datasets(config, tokenizer, pstate)
+    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)
+    if not engine.available[0] and not t.eval_only:
+        raise ConfigError(f"--split {config.data.split} leaves no training data")
     return engine
 
 
@@ -357,7 +366,7 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
                                      "grad norm": grad_norm, "loss scale": engine.optimizer.loss_scale,
                                      "tokens per second": tokens_per_s})
             window_start, window_iters = time.perf_counter(), 0
-        if t.eval_interval and s.iteration % t.eval_interval == 0:
+        if t.eval_interval and s.iteration % t.eval_interval == 0 and engine.available[1]:
             run_validation(engine, tb)
         if t.save and t.save_interval and s.iteration % t.save_interval == 0:
             save(engine)
@@ -400,13 +409,15 @@ def pretrain(config: Config) -> TrainState:
                        f"{engine.num_microbatches} micro-batches of {t.micro_batch_size} per step, "
                        f"{engine.config.optim.params_dtype_name}")
     if t.eval_only:
+        if not engine.available[1]:
+            raise ConfigError(f"--eval-only: --split {config.data.split} has no validation data")
         loss = evaluate(engine, engine.datasets[1], t.eval_iters)
         log_validation(engine, "evaluation (--eval-only)", loss, TensorBoard(None, engine.pstate))
         return engine.state
     state = train(engine)
     if t.save and (not t.save_interval or state.iteration % t.save_interval != 0):
         save(engine)
-    if t.eval_interval and engine.datasets is not None:
+    if t.eval_interval and engine.available[2]:
         tb = TensorBoard(None, engine.pstate)
         loss = evaluate(engine, engine.datasets[2], t.eval_iters)
         log_validation(engine, "the end of training for test data", loss, tb)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.comm_bytes import p2p_bytes_section  # noqa: E402
 from slimtron.parallel.p2p import Direction, StageLink  # noqa: E402
 from slimtron.parallel.pipeline import forward_backward  # noqa: E402
 from slimtron.parallel.pipeline_schedules import (  # noqa: E402
@@ -170,10 +171,9 @@ def bubble_section(args) -> str:
     return "\n".join(lines)
 
 
-# Each section takes the parsed arguments and returns its printed table. The per-rank bytes-sent
-# table belongs here too (StageLink.bytes_sent / bytes_received count every p2p transfer; pass a
-# StageLink to forward_backward to read them).
-SECTIONS = [bubble_section]
+# Each section takes the parsed arguments and returns its printed table. p2p_bytes_section:
+# bytes each stage sends per batch, analytic next to StageLink.bytes_sent and the wire.
+SECTIONS = [bubble_section, p2p_bytes_section]
 
 
 def parse_args(argv=None):

@@ -40,7 +40,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 # Fields of ModelConfig that decide the shape or meaning of the weights.
 MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                      "num_query_groups", "kv_channels", "vocab_size", "normalization",
+                      "norm_epsilon", "num_query_groups", "kv_channels", "vocab_size", "normalization",
                       "position_embedding_type", "swiglu", "add_bias_linear", "add_qkv_bias",
                       "untie_embeddings_and_output_weights", "max_position_embeddings")
 OPTIM_KEYS = ("main_param", "exp_avg", "exp_avg_sq")

@@ -99,8 +99,13 @@ class ParallelState:
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, dp: Optional[int] = None,
-              device: Optional[torch.device] = None, virtual_pp_size: int = 1) -> "ParallelState":
-        """Create the grid's process groups (collective: every rank must call it)."""
+              device: Optional[torch.device] = None, virtual_pp_size: int = 1,
+              timeout: Optional[datetime.timedelta] = None) -> "ParallelState":
+        """Create the grid's process groups (collective: every rank must call it).
+
+        ``timeout`` bounds every collective on these groups; pass the one given to
+        ``init_distributed``: torch gives new groups its own default (30 minutes), not the world's.
+        """
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         if dp is not None and tp * pp * dp != world:
@@ -114,7 +119,8 @@ class ParallelState:
             for ranks in all_ranks:
                 # new_group is collective over the whole world: create every group, in the same
                 # order on every rank, and keep the one this rank is in.
-                handle = dist.new_group(ranks) if len(ranks) > 1 and world > 1 else None
+                handle = (dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 and world > 1
+                          else None)
                 if rank in ranks:
                     mine[kind], handles[kind] = ranks, handle
         p, d, t = coordinates(grid, rank)

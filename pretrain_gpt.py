@@ -5,9 +5,38 @@
     python pretrain_gpt.py ...            (one process)
 
 Flags follow Megatron-LM's names; `python pretrain_gpt.py --help` lists them.
+A wrong setting, data file or checkpoint ends the run with one line `error: ...` and exit code 2.
 """
+import os
+import sys
+import time
+
 from slimtron.arguments import parse_args
 from slimtron.training import pretrain
 
+# Every rank usually meets the same mistake: rank 0 reports it at once and the other ranks wait
+# this long, so torchrun (which stops the job when rank 0 exits) has ended them before they repeat
+# it. A mistake only another rank meets (its own checkpoint shard) is still reported, by that rank.
+OTHER_RANKS_REPORT_AFTER_S = 5.0
+
+
+def report_error(error: Exception) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(OTHER_RANKS_REPORT_AFTER_S)
+        print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    try:
+        pretrain(parse_args())
+    except ValueError as error:  # ConfigError, and the data and checkpoint checks' ValueErrors
+        report_error(error)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    pretrain(parse_args())
+    sys.exit(main())

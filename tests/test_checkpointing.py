@@ -110,3 +110,22 @@ def test_refuses_other_model_and_damaged_files(tmp_path):
         f.write("7\n")
     with pytest.raises(ValueError, match="names iteration 7 but"):
         checkpointing.latest_iteration(ckpt)
+
+
+def test_finetune_and_no_load_optim(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    scratch = run(configured(), 1)
+    run(configured(save=ckpt, save_interval=3, exit_interval=3), 1)
+
+    tuned = configured(load=ckpt)
+    tuned.training.finetune = True
+    finetuned = run(tuned, 1)
+    assert [it for it, *_ in finetuned] == [1, 2, 3, 4, 5, 6]  # weights only: a new run
+    assert finetuned[0][1] < scratch[0][1] - 0.05  # ... from trained weights, on the same batch
+
+    fresh_optim = configured(load=ckpt)
+    fresh_optim.training.no_load_optim = True
+    continued = run(fresh_optim, 1)
+    assert [it for it, *_ in continued] == [4, 5, 6]  # iteration and data position are kept
+    assert continued[0][1] == pytest.approx(scratch[3][1], rel=1e-5)  # same weights, same batch
+    assert continued[1][1] != pytest.approx(scratch[4][1], rel=1e-6)  # but Adam starts afresh

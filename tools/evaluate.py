@@ -99,9 +99,9 @@ def build_engine(config: Config, world: int, device) -> training.Engine:
                     finetune=True)
     t = config.training
     num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
-    datasets = training.build_datasets(config, tokenizer, pstate)
+    datasets, available = training.build_datasets(config, tokenizer, pstate)
     return training.Engine(config, pstate, chunks, None, None, tokenizer, datasets,
-                           training.TrainState(), params_dtype, num_micro)
+                           training.TrainState(), params_dtype, num_micro, available)
 
 
 def run(args) -> float:
@@ -112,8 +112,7 @@ def run(args) -> float:
     config = evaluation_config(args, common["config"])
     engine = build_engine(config, world, device)
     split = SPLITS[args.eval_split]
-    has_data = engine.pstate.is_first_stage or engine.pstate.is_last_stage
-    if has_data and engine.datasets[split] is None:
+    if not engine.available[split]:
         raise ConfigError(f"--split {args.split}: the {args.eval_split} split of --data-path is "
                           "empty")
     loss = training.evaluate(engine, engine.datasets[split], args.eval_iters)

@@ -5,7 +5,8 @@
     python pretrain_gpt.py ...            (one process)
 
 Flags follow Megatron-LM's names; `python pretrain_gpt.py --help` lists them.
-A wrong setting, data file or checkpoint ends the run with one line `error: ...` and exit code 2.
+A wrong setting, data file or checkpoint ends the run with one line `error: ...` and exit code 2
+(SLIMTRON_TRACEBACK=1 shows the traceback instead).
 """
 import os
 import sys
@@ -33,6 +34,8 @@ def main() -> int:
     try:
         pretrain(parse_args())
     except ValueError as error:  # ConfigError, and the data and checkpoint checks' ValueErrors
+        if os.environ.get("SLIMTRON_TRACEBACK"):
+            raise
         report_error(error)
         return 2
     return 0

@@ -413,12 +413,20 @@ def pretrain(config: Config) -> TrainState:
             raise ConfigError(f"--eval-only: --split {config.data.split} has no validation data")
         loss = evaluate(engine, engine.datasets[1], t.eval_iters)
         log_validation(engine, "evaluation (--eval-only)", loss, TensorBoard(None, engine.pstate))
-        return engine.state
-    state = train(engine)
-    if t.save and (not t.save_interval or state.iteration % t.save_interval != 0):
-        save(engine)
-    if t.eval_interval and engine.available[2]:
-        tb = TensorBoard(None, engine.pstate)
-        loss = evaluate(engine, engine.datasets[2], t.eval_iters)
-        log_validation(engine, "the end of training for test data", loss, tb)
-    return state
+    else:
+        train(engine)
+        if t.save and (not t.save_interval or engine.state.iteration % t.save_interval != 0):
+            save(engine)
+        if t.eval_interval and engine.available[2]:
+            loss = evaluate(engine, engine.datasets[2], t.eval_iters)
+            log_validation(engine, "the end of training for test data", loss,
+                           TensorBoard(None, engine.pstate))
+    shutdown_distributed()
+    return engine.state
+
+
+def shutdown_distributed():
+    """Leave together: a process that exits while gloo's threads still serve a peer aborts."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -77,10 +77,12 @@ def _write_atomic(obj, path: str):
 
 
 # ----------------------------------------------------------------------------------------- RNG
-def rng_state(rng_tracker=None) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+def rng_state(device: torch.device, rng_tracker=None) -> dict:
+    """Every generator this rank draws from: CPU ones, its own device's, the tracker's streams."""
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
+             "device": device.type}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if rng_tracker is not None:
         state["tracker"] = rng_tracker.get_states()
     return state
@@ -92,16 +94,21 @@ def _numpy_state():
             "has_gauss": has_gauss, "cached": cached}
 
 
-def set_rng_state(state: dict, rng_tracker=None):
+def set_rng_state(state: dict, device: torch.device, rng_tracker=None) -> bool:
+    """Restore ``rng_state``'s generators; False when it was saved on another kind of device,
+    whose generator states (its own and the tracker's) do not fit this one's and are skipped."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32),
                          np_state["pos"], np_state["has_gauss"], np_state["cached"]))
     random.setstate(_as_python_state(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("device", "cuda" if "cuda" in state else "cpu") != device.type:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     if rng_tracker is not None and "tracker" in state:
         rng_tracker.set_states(state["tracker"])
+    return True
 
 
 def _as_python_state(s):
@@ -111,13 +118,17 @@ def _as_python_state(s):
 
 # --------------------------------------------------------------------------------- optimizer
 def _gather_over_dp(flat_piece: torch.Tensor, rng: tuple[int, int], numel: int,
-                    pstate: ParallelState) -> torch.Tensor:
-    """The whole flat TP-local tensor on data-parallel rank 0, from every rank's range."""
-    full = torch.zeros(numel, dtype=torch.float32, device=flat_piece.device)
-    full[rng[0]:rng[1]] = flat_piece.float()
-    if pstate.dp_group is not None:
+                    pstate: ParallelState, sharded: bool) -> torch.Tensor:
+    """The whole flat TP-local tensor (CPU) on data-parallel rank 0, from every rank's range.
+    ``sharded``: the DP ranks hold disjoint ranges (distributed optimizer) to be summed, on the
+    rank's device (NCCL reduces device tensors only); otherwise every rank holds all of it."""
+    reduce = sharded and pstate.dp_group is not None
+    device = pstate.device if reduce else torch.device("cpu")
+    full = torch.zeros(numel, dtype=torch.float32, device=device)
+    full[rng[0]:rng[1]] = flat_piece.to(device, torch.float32)
+    if reduce:
         dist.reduce(full, dst=pstate.dp_ranks[0], group=pstate.dp_group)
-    return full
+    return full.cpu()
 
 
 def _optimizer_shards(optimizer, params: dict, pstate: ParallelState) -> dict:
@@ -126,12 +137,13 @@ def _optimizer_shards(optimizer, params: dict, pstate: ParallelState) -> dict:
     Under the distributed optimizer a rank holds a range of some parameters and none of others
     (absent from ``param_state``); it then contributes an empty range."""
     state = optimizer.param_state()
-    empty = torch.zeros(0)
+    sharded = bool(getattr(optimizer.grads, "use_distributed_optimizer", False))
+    empty = torch.zeros(0, device="cpu")
     out = {}
     for name, p in params.items():
         entry = state.get(name, {"range": (0, 0), **{k: empty for k in OPTIM_KEYS}})
-        out[name] = {k: _gather_over_dp(entry[k], entry["range"], p.numel(), pstate).view(p.shape)
-                     for k in OPTIM_KEYS}
+        out[name] = {k: _gather_over_dp(entry[k], entry["range"], p.numel(), pstate, sharded)
+                     .view(p.shape) for k in OPTIM_KEYS}
     return out
 
 
@@ -157,7 +169,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, pstate:
         if optim is not None:
             shard["optim"] = {n: {k: v.cpu() for k, v in s.items()} for n, s in optim.items()}
         _write_atomic(shard, os.path.join(tmp, model_file(pstate.tp_rank, pstate.pp_rank)))
-    _write_atomic(rng_state(rng_tracker), os.path.join(tmp, f"rng_rank{pstate.rank:05d}.pt"))
+    _write_atomic(rng_state(pstate.device, rng_tracker),
+                  os.path.join(tmp, f"rng_rank{pstate.rank:05d}.pt"))
     if pstate.rank == 0:
         common = {
             "format_version": FORMAT_VERSION, "iteration": iteration,
@@ -321,10 +334,10 @@ def load_checkpoint(root: str, model_chunks, optimizer, pstate: ParallelState, c
     same_layout = (common["layout"]["world"] == pstate.world_size
                    and common["layout"]["tp"] == pstate.tp_size
                    and common["layout"]["pp"] == pstate.pp_size)
-    if load_rng and same_layout:
-        set_rng_state(_load(os.path.join(ckpt_dir, f"rng_rank{pstate.rank:05d}.pt")), rng_tracker)
+    restored = load_rng and same_layout and set_rng_state(
+        _load(os.path.join(ckpt_dir, f"rng_rank{pstate.rank:05d}.pt")), pstate.device, rng_tracker)
     return {"iteration": common["iteration"], "consumed_samples": common["consumed_samples"],
-            "extra": common.get("extra", {}), "rng_restored": load_rng and same_layout}
+            "extra": common.get("extra", {}), "rng_restored": restored}
 
 
 def optimizer_reload_main_params(optimizer):
@@ -335,12 +348,12 @@ def optimizer_reload_main_params(optimizer):
 
 def _load_optimizer(saved: _SavedShards, optimizer, params: dict, pstate: ParallelState,
                     ckpt_dir: str):
-    ranges = optimizer.param_state()
+    ranges = optimizer.param_ranges()
     new_state = {}
     for name, p in params.items():
         if name not in ranges:  # distributed optimizer: none of it is in this rank's range
             continue
-        start, end = ranges[name]["range"]
+        start, end = ranges[name]
         entry = {"range": (start, end)}
         for key in OPTIM_KEYS:
             full = _fit_full(saved.full(name, key), p, name, ckpt_dir)

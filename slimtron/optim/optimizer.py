@@ -17,8 +17,9 @@ Parameter state for checkpoint resharding
 -----------------------------------------
 ``param_state()`` returns ``{global_name: entry}`` for every parameter this rank optimizes, with
 
-- ``"main_param"``, ``"exp_avg"``, ``"exp_avg_sq"``: flat fp32 tensors (copies) of this rank's part
-  of the parameter's TP-local shard (the tensor the model holds on this rank, flattened row-major);
+- ``"main_param"``, ``"exp_avg"``, ``"exp_avg_sq"``: flat fp32 CPU tensors (copies, so that saving
+  a checkpoint takes no device memory) of this rank's part of the parameter's TP-local shard (the
+  tensor the model holds on this rank, flattened row-major);
 - ``"range"``: ``(start, end)``, the part's position in that flattened shard: ``(0, numel)``
   without the distributed optimizer; with it, the intersection of the parameter with this DP rank's
   range of the grad buffer (parameters outside the range are absent).
@@ -55,6 +56,10 @@ class ParamShard:
     def model_part(self) -> torch.Tensor:
         """The model parameter's elements this shard covers (a flat view)."""
         return self.model_param.detach().view(-1)[self.start:self.end]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).to("cpu", torch.float32, copy=True)
 
 
 def _fused_supported(device: torch.device) -> bool:
@@ -210,21 +215,30 @@ class MixedPrecisionOptimizer:
         self._lr = self.scheduler.lr_at(max(self.scheduler.num_steps - 1, 0))
         self._set_adam_steps()
 
-    def param_state(self) -> dict:
-        """This rank's main parameters and Adam moments by global name (format: module doc)."""
+    def param_ranges(self) -> dict:
+        """``{global_name: (start, end)}``: the part of each parameter this rank optimizes."""
         out = {}
         for shard in self.shards:
             name = self._global_name(shard.model_param)
             if name in out:
                 raise ValueError(f"two parameters on rank {self.pstate.rank} share the global "
                                  f"name {name}; optimizer state needs unique names")
+            out[name] = (shard.start, shard.end)
+        return out
+
+    def param_state(self) -> dict:
+        """This rank's main parameters and Adam moments by global name (format: module doc)."""
+        ranges = self.param_ranges()  # also refuses two parameters with one name
+        out = {}
+        for shard in self.shards:
+            name = self._global_name(shard.model_param)
             state = self.adam.state.get(shard.main_param, {}) if self.adam is not None else {}
-            zeros = torch.zeros(shard.end - shard.start, dtype=torch.float32)
+            zeros = torch.zeros(shard.end - shard.start, dtype=torch.float32, device="cpu")
             out[name] = {
-                "main_param": shard.main_param.detach().reshape(-1).float().clone(),
-                "exp_avg": state["exp_avg"].reshape(-1).clone() if state else zeros.clone(),
-                "exp_avg_sq": state["exp_avg_sq"].reshape(-1).clone() if state else zeros.clone(),
-                "range": (shard.start, shard.end),
+                "main_param": _host_copy(shard.main_param),
+                "exp_avg": _host_copy(state["exp_avg"]) if state else zeros.clone(),
+                "exp_avg_sq": _host_copy(state["exp_avg_sq"]) if state else zeros.clone(),
+                "range": ranges[name],
             }
         return out
 

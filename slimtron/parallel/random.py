@@ -126,22 +126,27 @@ def seed_default_generators(seed: int, pstate) -> None:
     torch.manual_seed(s)  # also seeds every CUDA device
 
 
-def capture_rng_state(tracker: Optional[RNGStatesTracker] = None) -> dict:
-    """Every generator this process draws from (for a checkpoint)."""
+def capture_rng_state(tracker: Optional[RNGStatesTracker] = None,
+                      device: Optional[torch.device] = None) -> dict:
+    """Every generator this process draws from: CPU ones and those of its own ``device`` (the
+    tracker's by default) only, not every visible GPU's (a resumed rank may see other GPUs)."""
+    device = torch.device(device or (tracker.device if tracker is not None else "cpu"))
     state = {"python": _pyrandom.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if tracker is not None:
         state["tracker"] = tracker.get_states()
     return state
 
 
-def restore_rng_state(state: dict, tracker: Optional[RNGStatesTracker] = None) -> None:
+def restore_rng_state(state: dict, tracker: Optional[RNGStatesTracker] = None,
+                      device: Optional[torch.device] = None) -> None:
+    device = torch.device(device or (tracker.device if tracker is not None else "cpu"))
     _pyrandom.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     if tracker is not None and "tracker" in state:
         tracker.set_states(state["tracker"])

@@ -64,8 +64,12 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        # Binding NCCL to the rank's GPU gives barriers their device and creates each group's
+        # communicator with the group: a pipeline group's first batch_isend_irecv, which involves
+        # only neighbouring stages, must not be the call that creates it.
+        bound = {"device_id": device} if backend == "nccl" and device.type == "cuda" else {}
         dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **bound)
     return device
 
 

@@ -132,11 +132,12 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int, temperature: floa
              eod: Optional[int] = None) -> torch.Tensor:
     """Continue the prompts ``tokens`` ``[b, s]`` (same length) by up to ``max_new_tokens`` tokens.
 
-    Returns ``[b, s + n]``: a sequence that produced ``eod`` is filled with ``eod`` afterwards, and
-    generation stops early once every sequence has. Every TP rank must call it with the same
-    arguments; all return the same tokens.
+    Returns ``[b, s + n]`` on the model's device: a sequence that produced ``eod`` is filled with
+    ``eod`` afterwards, and generation stops early once every sequence has. Every TP rank must
+    call it with the same arguments; all return the same tokens.
     """
     _check_arguments(model, tokens, max_new_tokens, temperature, top_k, top_p, greedy)
+    tokens = tokens.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     batch, prompt_len = tokens.shape

@@ -267,7 +267,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
-        self.position_ids = torch.arange(seq_length, dtype=torch.int64)
+        self.position_ids = torch.arange(seq_length, dtype=torch.int64, device="cpu")
 
     @staticmethod
     def _sequences_of(indexed: IndexedDataset, document_range: tuple[int, int]) -> np.ndarray:
@@ -312,7 +312,7 @@ class GPTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         text = torch.from_numpy(self.sample_tokens(i))
         tokens, labels = text[:-1], text[1:]
-        loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
+        loss_mask = torch.ones(self.seq_length, dtype=torch.float32, device="cpu")
         if self.eod_mask_loss:
             loss_mask[tokens == self.eod_id] = 0.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,

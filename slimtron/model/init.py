@@ -26,7 +26,7 @@ def parameter_seed(seed: int, global_name: str) -> int:
 
 
 def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    return torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
 
 
 def full_initial_value(global_name: str, full_shape, config: ModelConfig, seed: int) -> torch.Tensor:
@@ -35,9 +35,9 @@ def full_initial_value(global_name: str, full_shape, config: ModelConfig, seed: 
     (linear_proj, linear_fc2) scaled by 1/sqrt(2 * num_layers), padded vocabulary rows zero."""
     full_shape = tuple(full_shape)
     if global_name.endswith(".bias"):
-        return torch.zeros(full_shape)
+        return torch.zeros(full_shape, device="cpu")
     if len(full_shape) == 1:  # norm weights are the only 1-d weights
-        return torch.ones(full_shape)
+        return torch.ones(full_shape, device="cpu")
     generator = torch.Generator().manual_seed(parameter_seed(seed, global_name))
     std = config.init_method_std
     if global_name.endswith(SCALED_INIT_PARAMETERS):
@@ -45,7 +45,7 @@ def full_initial_value(global_name: str, full_shape, config: ModelConfig, seed: 
     if global_name in VOCAB_PARAMETERS:
         # Draw only the real rows so that the values do not depend on the (tp-dependent) padding.
         real = _normal((config.vocab_size,) + full_shape[1:], std, generator)
-        padding = torch.zeros((full_shape[0] - config.vocab_size,) + full_shape[1:])
+        padding = torch.zeros((full_shape[0] - config.vocab_size,) + full_shape[1:], device="cpu")
         return torch.cat([real, padding])
     return _normal(full_shape, std, generator)
 

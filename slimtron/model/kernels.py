@@ -6,6 +6,8 @@ flash-attn is used for attention on CUDA half-precision tensors when importable;
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,8 +26,18 @@ HAVE_FLASH_ATTN = _flash_attn_func is not None
 HAVE_APEX_NORM = _apex_layer_norm is not None
 
 
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2's largest supported head dimension
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:  # pragma: no cover - CUDA only
+    """flash-attn 2 kernels run on Ampere (compute capability 8.0) or newer GPUs only."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
 def _use_flash(q: torch.Tensor) -> bool:
-    return HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return (HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= FLASH_MAX_HEAD_DIM and _flash_capable(q.device.index))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

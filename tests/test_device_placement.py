@@ -1,8 +1,8 @@
 """Device placement: every tensor handed to torch.distributed lives on the rank's device.
 
-NCCL only moves tensors that sit on the rank's GPU, but every other test runs on CPU with gloo, where
-a tensor created without ``device=`` (torch's default, the CPU) is just as good as one on the model's
-device. Here the forked ranks make that mistake visible on CPU: torch's default device is set to
+NCCL only moves tensors that sit on the rank's GPU, but every other test runs on CPU with gloo,
+where a tensor created without ``device=`` (torch's default, the CPU) is just as good as one on the
+model's device. Here the forked ranks make that mistake visible on CPU: torch's default device is set to
 ``meta`` while the engine runs on the CPU, so a tensor that took the default device instead of
 ``pstate.device`` is a meta tensor, and the wrapped torch.distributed functions refuse any tensor
 that is not on the device the engine picked (``default_device_and_backend``). Code that keeps

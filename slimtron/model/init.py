@@ -26,7 +26,8 @@ def parameter_seed(seed: int, global_name: str) -> int:
 
 
 def _normal(shape, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+    return torch.empty(shape, dtype=torch.float32, device="cpu").normal_(0.0, std,
+                                                                         generator=generator)
 
 
 def full_initial_value(global_name: str, full_shape, config: ModelConfig, seed: int) -> torch.Tensor:

@@ -74,6 +74,7 @@ def test_killed_save_is_never_loaded(tmp_path):
 @pytest.mark.parametrize("src,dst", [
     ((8, dict(tp=2, pp=2, sp=True, dist_opt=True)), (1, dict())),
     ((1, dict()), (4, dict(tp=2, pp=2, dist_opt=True))),
+    ((2, dict()), (2, dict(pp=2))),  # every DP rank holds the whole plain optimizer state
 ])
 def test_reshard_continues_with_the_same_losses(tmp_path, src, dst):
     reference = run(configured(), 1)

@@ -124,29 +124,3 @@ def seed_default_generators(seed: int, pstate) -> None:
     _pyrandom.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)  # also seeds every CUDA device
-
-
-def capture_rng_state(tracker: Optional[RNGStatesTracker] = None,
-                      device: Optional[torch.device] = None) -> dict:
-    """Every generator this process draws from: CPU ones and those of its own ``device`` (the
-    tracker's by default) only, not every visible GPU's (a resumed rank may see other GPUs)."""
-    device = torch.device(device or (tracker.device if tracker is not None else "cpu"))
-    state = {"python": _pyrandom.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if tracker is not None:
-        state["tracker"] = tracker.get_states()
-    return state
-
-
-def restore_rng_state(state: dict, tracker: Optional[RNGStatesTracker] = None,
-                      device: Optional[torch.device] = None) -> None:
-    device = torch.device(device or (tracker.device if tracker is not None else "cpu"))
-    _pyrandom.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if tracker is not None and "tracker" in state:
-        tracker.set_states(state["tracker"])

@@ -51,7 +51,10 @@ def coordinates(grid: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 
 def default_device_and_backend(backend: Optional[str] = None) -> tuple[torch.device, str]:
-    """NCCL on CUDA when there is a GPU, gloo on CPU otherwise."""
+    """NCCL on CUDA when there is a GPU, gloo on CPU otherwise. ``--distributed-backend gloo``
+    asks for CPU training even on a GPU machine (gloo lacks some collectives on CUDA tensors)."""
+    if backend == "gloo":
+        return torch.device("cpu"), backend
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", local_rank), backend or "nccl"

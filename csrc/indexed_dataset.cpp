@@ -173,8 +173,6 @@ class IndexedDatasetWriter {
         idx.close();
     }
 
-    int64_t num_sequences() const { return static_cast<int64_t>(lengths_.size()); }
-    int64_t num_documents() const { return static_cast<int64_t>(document_indices_.size()) - 1; }
     bool finalized() const { return !bin_.is_open(); }
 
    private:
@@ -227,8 +225,6 @@ void register_indexed_dataset(py::module_& m) {
         .def("append_corpus", &IndexedDatasetWriter::append_corpus, py::arg("lengths"),
              py::arg("document_indices"), py::arg("bin_path"))
         .def("finalize", &IndexedDatasetWriter::finalize)
-        .def_property_readonly("num_sequences", &IndexedDatasetWriter::num_sequences)
-        .def_property_readonly("num_documents", &IndexedDatasetWriter::num_documents)
         .def_property_readonly("finalized", &IndexedDatasetWriter::finalized);
 }
 

@@ -7,11 +7,8 @@ The order of things in a step (each a module's job):
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -20,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from slimtron import checkpointing
-from slimtron.arguments import parse_blend, validate
+from slimtron.arguments import validate
 from slimtron.config import Config, ConfigError
 from slimtron.flops import device_peak, flops_per_token, mfu
 from slimtron.model import build_model_chunks

@@ -124,14 +124,6 @@ class IndexedDatasetBuilder:
         self._writer.append_corpus(np.ascontiguousarray(other.sequence_lengths),
                                    np.ascontiguousarray(other.document_indices), other.bin_path)
 
-    @property
-    def num_sequences(self) -> int:
-        return self._writer.num_sequences
-
-    @property
-    def num_documents(self) -> int:
-        return self._writer.num_documents
-
     def finalize(self) -> None:
         """Writes the index and moves both files to their final names."""
         self._writer.finalize()

@@ -183,7 +183,6 @@ class DataParallelGrads:
             raise ConfigError(f"--ddp-bucket-size must be positive, got {bucket_size}")
         if isinstance(model_chunks, torch.nn.Module):
             model_chunks = [model_chunks]
-        self.pstate = pstate
         self.dp_group = pstate.dp_group
         self.dp_size = pstate.dp_size
         self.dp_rank = pstate.dp_rank

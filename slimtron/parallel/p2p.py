@@ -24,7 +24,7 @@ class Direction(enum.Enum):
 
 
 class StageLink:
-    """This rank's links to its two pipeline neighbours, with counts of the bytes moved."""
+    """This rank's links to its two pipeline neighbours, with a count of the bytes sent."""
 
     def __init__(self, pstate, tensor_shape: Sequence[int], dtype: torch.dtype):
         self.next_rank = pstate.next_stage_rank
@@ -34,7 +34,6 @@ class StageLink:
         self.shape = torch.Size(tensor_shape)
         self.dtype = dtype
         self.bytes_sent = 0
-        self.bytes_received = 0
 
     def exchange(self, sends: Sequence[tuple[Direction, torch.Tensor]] = (),
                  recvs: Sequence[Direction] = ()) -> list[torch.Tensor]:
@@ -52,7 +51,6 @@ class StageLink:
             peer = self.prev_rank if direction is Direction.FORWARD else self.next_rank
             ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group, tag=direction.value))
             received.append(buffer)
-            self.bytes_received += buffer.numel() * buffer.element_size()
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()

@@ -34,7 +34,7 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], forward_step: Forw
     interleaved schedule); ``forward_step`` closes over them. Stages that read no data may pass
     ``None`` micro-batches, but every stage passes the same number. ``tensor_shape``/``dtype``
     describe the activations between stages. Grads accumulate into the parameters' ``.grad``.
-    Pass a ``link`` to read its byte counts afterwards.
+    Pass a ``link`` to read its count of bytes sent afterwards.
 
     Returns the detached per-micro-batch losses (as ``forward_step`` returned them, so they sum to
     the batch loss) on the last stage, and an empty list elsewhere.

@@ -64,9 +64,6 @@ class RNGStatesTracker:
             raise ValueError(f"RNG tracker: stream {name!r} already exists")
         self._states[name] = _seeded_state(seed, self.device)
 
-    def reset(self) -> None:
-        self._states = {}
-
     def get_states(self) -> Dict[str, torch.Tensor]:
         return {name: state.clone() for name, state in self._states.items()}
 

@@ -175,7 +175,3 @@ class ParallelState:
     @property
     def prev_stage_rank(self) -> int:
         return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
-
-    @property
-    def is_in_embedding_group(self) -> bool:
-        return self.rank in self.embedding_ranks

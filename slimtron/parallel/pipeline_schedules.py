@@ -181,8 +181,7 @@ def steps(actions: list[Action]) -> list[list[Action]]:
 # ---------------------------------------------------------------------------------------------
 # Routing of transfers between stages
 
-def transfer_peer(action: Action, pp_size: int, stage: int,
-                  num_chunks: int) -> tuple[int, int, str]:
+def transfer_peer(action: Action, pp_size: int, stage: int) -> tuple[int, int, str]:
     """(sender stage, receiver stage, direction) of a transfer action."""
     nxt, prev = (stage + 1) % pp_size, (stage - 1) % pp_size
     return {
@@ -235,11 +234,11 @@ def simulate(schedules: list[list[Action]], num_chunks: int = 1, forward_cost: f
     ``transfer_cost`` after the latest posting time. ``tagged=False`` matches messages by sender
     and receiver only, as a backend without tags would. Raises ``ScheduleError`` on deadlock, on
     a transfer whose two ends disagree about the micro-batch or chunk, or on messages that would
-    be left unmatched.
+    be left unmatched. ``num_chunks`` is not read: the actions alone give the routing.
     """
     p = len(schedules)
     programs = [steps(s) for s in schedules]
-    counterpart = _match_transfers(programs, num_chunks, tagged)
+    counterpart = _match_transfers(programs, tagged)
     pc = [0] * p
     posted_at: list[list[float]] = [[0.0] for _ in range(p)]  # start time of each reached step
     intervals: list[list[tuple[float, float, Action]]] = [[] for _ in range(p)]
@@ -270,7 +269,7 @@ def simulate(schedules: list[list[Action]], num_chunks: int = 1, forward_cost: f
     return Timeline(intervals, max(times[-1] for times in posted_at))
 
 
-def _match_transfers(programs: list[list[list[Action]]], num_chunks: int, tagged: bool) -> dict:
+def _match_transfers(programs: list[list[list[Action]]], tagged: bool) -> dict:
     """Pair every transfer with its counterpart: (stage, step, action) -> (peer, peer's step)."""
     p = len(programs)
     channels: dict[tuple, dict[str, list[tuple[int, int, Action]]]] = {}
@@ -279,7 +278,7 @@ def _match_transfers(programs: list[list[list[Action]]], num_chunks: int, tagged
             for action in step:
                 if not action.kind.is_compute:
                     side = "send" if action.kind in (Kind.SEND_FWD, Kind.SEND_BWD) else "recv"
-                    src, dst, direction = transfer_peer(action, p, s, num_chunks)
+                    src, dst, direction = transfer_peer(action, p, s)
                     key = (src, dst, direction if tagged else "all")
                     channel = channels.setdefault(key, {"send": [], "recv": []})
                     channel[side].append((s, index, action))

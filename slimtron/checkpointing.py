@@ -10,8 +10,9 @@ Layout of ``DIR``::
 
     latest_checkpointed_iteration.txt    the newest complete iteration (written last, atomically)
     iter_0000010/
-        common.pt                        iteration, consumed samples, config, layout, scheduler,
-                                         loss scaler and optimizer counters (rank 0)
+        common.pt                        iteration, consumed samples, config, layout, and the
+                                         optimizer's state_dict: update counters, LR schedule,
+                                         loss scaler (rank 0)
         model_tp00_pp000.pt              the (tp, pp) shard of every parameter of that stage, with the
                                          fp32 main parameter and Adam moments of the same shard
                                          (gathered over data-parallel ranks for the distributed
@@ -167,7 +168,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, pstate:
             "tp_rank": pstate.tp_rank, "tp_size": pstate.tp_size, "pp_rank": pstate.pp_rank,
         }
         if optim is not None:
-            shard["optim"] = {n: {k: v.cpu() for k, v in s.items()} for n, s in optim.items()}
+            shard["optim"] = optim
         _write_atomic(shard, os.path.join(tmp, model_file(pstate.tp_rank, pstate.pp_rank)))
     _write_atomic(rng_state(pstate.device, rng_tracker),
                   os.path.join(tmp, f"rng_rank{pstate.rank:05d}.pt"))
@@ -311,7 +312,9 @@ def load_checkpoint(root: str, model_chunks, optimizer, pstate: ParallelState, c
                     load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
                     rng_tracker=None) -> dict:
     """Load the newest complete checkpoint into this layout. Returns {"iteration",
-    "consumed_samples", "extra"} (zeros with finetune, which loads weights only)."""
+    "consumed_samples", "extra", "rng_restored"}; with finetune, which loads weights only,
+    {"iteration": 0, "consumed_samples": 0, "extra": {}}. RNG states are restored only into the
+    layout (world, tp, pp) that saved them."""
     ckpt_dir, common = load_common(root)
     if common.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{ckpt_dir}: unknown checkpoint format version "

@@ -1,9 +1,10 @@
 """Random-number streams for model parallelism.
 
 Two streams, as in Megatron:
-- the default torch generator, seeded identically on every TP rank, drives dropout on replicated
-  activations (outside tensor-parallel regions), so TP ranks drop the same elements;
-- the tracker's named stream, seeded with ``seed + 2718 + tp_rank``, drives dropout on sharded
+- the default torch generator, seeded with ``seed + 100 * pp_rank`` (identical on every TP and DP
+  rank of a stage), drives dropout on replicated activations (outside tensor-parallel regions), so
+  TP ranks drop the same elements;
+- the tracker's named stream, seeded with that seed ``+ 2718 + tp_rank``, drives dropout on sharded
   activations (attention probabilities of this rank's heads, sequence-parallel slices), so each rank
   draws its own mask.
 
@@ -54,7 +55,7 @@ class RNGStatesTracker:
 
     @classmethod
     def for_rank(cls, seed: int, pstate, device: Optional[torch.device] = None) -> "RNGStatesTracker":
-        """The tracker of this TP rank: stream ``MODEL_PARALLEL_RNG`` seeded with seed+2718+tp_rank."""
+        """The tracker of this rank: stream ``MODEL_PARALLEL_RNG`` seeded by ``model_parallel_seed``."""
         tracker = cls(device or pstate.device)
         tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed, pstate))
         return tracker

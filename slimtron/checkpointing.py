@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from slimtron.config import ConfigError
+from slimtron.model.init import VOCAB_PARAMETERS
 from slimtron.parallel import sharding
 from slimtron.parallel.state import ParallelState
 
@@ -288,24 +289,13 @@ def _fit_full(full: torch.Tensor, p, name: str, ckpt_dir: str) -> torch.Tensor:
     want = tuple(p.full_shape)
     if tuple(full.shape) == want:
         return full
-    if full.shape[1:] == torch.Size(want[1:]) and _is_vocab_param(name):
+    if full.shape[1:] == torch.Size(want[1:]) and name in VOCAB_PARAMETERS:
         fitted = full.new_zeros(want)
         rows = min(want[0], full.shape[0])
         fitted[:rows] = full[:rows]
         return fitted
     raise ConfigError(f"checkpoint {ckpt_dir}: parameter {name} has shape {tuple(full.shape)} there "
                       f"and {want} in this run")
-
-
-def _is_vocab_param(name: str) -> bool:
-    return name in ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def _local_shard(full: torch.Tensor, p, pstate: ParallelState) -> torch.Tensor:
-    if not p.tensor_model_parallel:
-        return full
-    return sharding.shard(full, p.partition_dim, pstate.tp_size, pstate.tp_rank,
-                          getattr(p, "partition_chunks", 1))
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, pstate: ParallelState, config,
@@ -325,7 +315,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, pstate: ParallelState, c
     with torch.no_grad():
         for name, p in params.items():
             full = _fit_full(saved.full(name), p, name, ckpt_dir)
-            p.copy_(_local_shard(full, p, pstate).to(p.dtype))
+            p.copy_(sharding.shard_like(full, p, pstate.tp_size, pstate.tp_rank).to(p.dtype))
     if finetune:
         optimizer_reload_main_params(optimizer)
         return {"iteration": 0, "consumed_samples": 0, "extra": {}}
@@ -360,6 +350,7 @@ def _load_optimizer(saved: _SavedShards, optimizer, params: dict, pstate: Parall
         entry = {"range": (start, end)}
         for key in OPTIM_KEYS:
             full = _fit_full(saved.full(name, key), p, name, ckpt_dir)
-            entry[key] = _local_shard(full, p, pstate).reshape(-1)[start:end].float().clone()
+            local = sharding.shard_like(full, p, pstate.tp_size, pstate.tp_rank)
+            entry[key] = local.reshape(-1)[start:end].float().clone()
         new_state[name] = entry
     optimizer.load_param_state(new_state)

@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 
 from slimtron.config import ConfigError, ModelConfig
-
-VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+from slimtron.model.init import VOCAB_PARAMETERS as VOCAB_PARAMS
 
 
 # ------------------------------------------------------------------------------- transforms

@@ -23,6 +23,7 @@ import torch
 from slimtron import training
 from slimtron.arguments import validate
 from slimtron.checkpointing import load_checkpoint, load_common
+from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError
 from slimtron.data.tokenizers import build_tokenizer
 from slimtron.model import build_model_chunks
@@ -125,12 +126,7 @@ def run(args) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool("evaluate", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from slimtron.checkpointing import load_checkpoint, load_common
+from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError
 from slimtron.data.tokenizers import build_tokenizer
 from slimtron.generation import generate
 from slimtron.model import build_model_chunks
 from slimtron.parallel.state import ParallelState, init_distributed
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from slimtron.training import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,12 +97,7 @@ def completion_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, ValueError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool("generate", lambda: run(args))
 
 
 if __name__ == "__main__":

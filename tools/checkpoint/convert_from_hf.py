@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from slimtron import checkpointing, hf_mapping
+from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
 from slimtron.parallel.sharding import shard_like
 from slimtron.parallel.state import ParallelState
@@ -192,18 +193,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        config = convert(args.hf, args.save, args.tensor_model_parallel_size,
-                         args.pipeline_model_parallel_size, args.tokenizer_model,
-                         args.tokenizer_type)
-    except (ConfigError, ValueError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 1
-    m = config.model
-    print(f"wrote {hf_mapping.architecture(m)} checkpoint ({m.num_layers} layers, hidden "
-          f"{m.hidden_size}) to {args.save} for tp={args.tensor_model_parallel_size} "
-          f"pp={args.pipeline_model_parallel_size}")
-    return 0
+
+    def work():
+        m = convert(args.hf, args.save, args.tensor_model_parallel_size,
+                    args.pipeline_model_parallel_size, args.tokenizer_model,
+                    args.tokenizer_type).model
+        print(f"wrote {hf_mapping.architecture(m)} checkpoint ({m.num_layers} layers, hidden "
+              f"{m.hidden_size}) to {args.save} for tp={args.tensor_model_parallel_size} "
+              f"pp={args.pipeline_model_parallel_size}")
+
+    return run_tool("convert_from_hf", work)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import torch
 
 from slimtron import hf_mapping
 from slimtron.checkpointing import _SavedShards, load_common
+from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError, ModelConfig
+from slimtron.training import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -240,14 +241,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work():
         arch = convert(args.load, args.output, args.dtype, args.max_shard_size,
                        args.tokenizer_type, args.tokenizer_model)
-    except (ConfigError, ValueError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {arch} model to {args.output}")
-    return 0
+        print(f"wrote {arch} model to {args.output}")
+
+    return run_tool("convert_to_hf", work)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,8 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"hidden size {self.hidden_size} is not divisible by "
-                    f"num attention heads {self.num_attention_heads}")
+                raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by "
+                                  f"--num-attention-heads {self.num_attention_heads}")
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
@@ -58,8 +57,8 @@ class ModelConfig:
             raise ConfigError("--position-embedding-type must be learned_absolute or rope, "
                               f"got {self.position_embedding_type!r}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(f"num attention heads {self.num_attention_heads} is not divisible by "
-                              f"num query groups {self.num_query_groups}")
+            raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible "
+                              f"by --num-query-groups {self.num_query_groups}")
 
     @property
     def tied_embeddings(self) -> bool:

@@ -56,7 +56,7 @@ def build_optimizer(model_chunks, optim_config, parallel_config, pstate, grads, 
     ``train_iters`` is the default for ``lr_decay_iters`` (needed unless the decay is constant).
     """
     if optim_config.fp16 and optim_config.bf16:
-        raise ConfigError("--fp16 and --bf16 cannot both be set")
+        raise ConfigError("--fp16 and --bf16 are both set; choose one")
     if grads.use_distributed_optimizer != parallel_config.use_distributed_optimizer:
         raise ConfigError(
             f"gradient buffers were built with use_distributed_optimizer="

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+
+from slimtron.parallel import comm
 
 
 def counts_in_norm(param: torch.Tensor, pstate) -> bool:
@@ -22,11 +23,6 @@ def counts_in_norm(param: torch.Tensor, pstate) -> bool:
     if getattr(param, "shared_embedding", False) and not pstate.is_first_stage:
         return False
     return bool(getattr(param, "tensor_model_parallel", False)) or pstate.tp_rank == 0
-
-
-def _sum_over(tensor: torch.Tensor, group) -> None:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
 
 
 def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = False) -> float:
@@ -38,9 +34,9 @@ def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = Fals
     if counted:
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
         squared += norms.pow(2).sum()
-    _sum_over(squared, pstate.mp_group)
+    comm.all_reduce(squared, pstate.mp_group)
     if sum_over_dp:
-        _sum_over(squared, pstate.dp_group)
+        comm.all_reduce(squared, pstate.dp_group)
     return math.sqrt(squared.item())
 
 

@@ -64,9 +64,8 @@ def main(argv=None) -> int:
     except ValueError as err:  # ConfigError, or a corrupt input
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tokens = int(merged.sequence_lengths.sum())
     print(f"{args.output_prefix}: merged {len(prefixes)} datasets, {len(merged)} sequences, "
-          f"{len(merged.document_indices) - 1} documents, {tokens} tokens")
+          f"{merged.num_documents} documents, {merged.num_tokens} tokens")
     return 0
 
 

@@ -25,6 +25,7 @@ Memory of a rank, in bytes:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -129,15 +130,8 @@ def rank_parameters(config: Config, rank: int):
     sizes = {}
     for chunk in chunks:
         for param in chunk.parameters():
-            sizes[param.global_name] = (param.numel(), _numel(param.full_shape))
+            sizes[param.global_name] = (param.numel(), math.prod(param.full_shape))
     return pstate, sizes
-
-
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n
 
 
 def summarize(config: Config, num_microbatches=None) -> tuple[int, list[RankMemory]]:

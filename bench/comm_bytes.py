@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slimtron.config import (Config, DataConfig, ModelConfig, OptimizerConfig,  # noqa: E402
                              ParallelConfig, TrainingConfig)
+from slimtron.parallel.comm import all_gather_single, reduce_scatter_single  # noqa: E402
 from slimtron.parallel.p2p import StageLink  # noqa: E402
 from slimtron.parallel.pipeline import forward_backward  # noqa: E402
 from slimtron.parallel.state import ParallelState  # noqa: E402
@@ -58,9 +59,6 @@ from tools.model_summary import rank_parameters  # noqa: E402
 
 MB = 1e6
 CALIBRATION_NUMEL = 1 << 18  # 1 MiB of fp32
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def bytes_written() -> int:
@@ -100,8 +98,8 @@ def _calibration_ops(x: torch.Tensor, world: int, rank: int) -> dict:
 
     return {
         "all_reduce": lambda: dist.all_reduce(x),
-        "all_gather": lambda: _all_gather(torch.empty_like(x), x[:x.numel() // world]),
-        "reduce_scatter": lambda: _reduce_scatter(torch.empty(x.numel() // world), x),
+        "all_gather": lambda: all_gather_single(torch.empty_like(x), x[:x.numel() // world]),
+        "reduce_scatter": lambda: reduce_scatter_single(torch.empty(x.numel() // world), x),
         "p2p": exchange,
     }
 

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 Group = Optional[dist.ProcessGroup]
 
-# torch 2.13 renamed the single-tensor collectives; older releases only have the *_tensor names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
-                          or getattr(dist, "reduce_scatter_tensor", None))
+# torch 2.13 renamed the single-tensor collectives; the releases before it (torch >= 2.4 is
+# required) only have the *_tensor names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group: Group) -> int:
@@ -51,10 +51,7 @@ def all_gather_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if _all_gather_single is not None:
-        _all_gather_single(out, x, group=group)
-    else:
-        dist.all_gather(list(out.chunk(world)), x, group=group)
+    all_gather_single(out, x, group=group)
     return out
 
 
@@ -68,10 +65,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
                          f"the group size {world}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if _reduce_scatter_single is not None:
-        _reduce_scatter_single(out, x, group=group)
-    else:
-        dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(world)], group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -33,10 +33,7 @@ import torch
 import torch.distributed as dist
 
 from slimtron.config import ConfigError
-
-# torch 2.13 renamed the single-tensor collectives; keep working on older releases too.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from slimtron.parallel.comm import all_gather_single, reduce_scatter_single
 
 
 @dataclass
@@ -262,8 +259,8 @@ class DataParallelGrads:
         bucket.grad_data.div_(self.dp_size)
         if self.use_distributed_optimizer:
             own = bucket.shard(bucket.grad_data, self.dp_rank, self.dp_size)
-            bucket.handle = _reduce_scatter(own, bucket.grad_data, group=self.dp_group,
-                                            async_op=True)
+            bucket.handle = reduce_scatter_single(own, bucket.grad_data, group=self.dp_group,
+                                                  async_op=True)
         else:
             bucket.handle = dist.all_reduce(bucket.grad_data, group=self.dp_group, async_op=True)
 
@@ -309,7 +306,7 @@ class DataParallelGrads:
         handles = []
         for bucket in self.buckets:
             own = bucket.shard(bucket.param_data, self.dp_rank, self.dp_size)
-            handles.append(_all_gather(bucket.param_data, own, group=self.dp_group,
-                                       async_op=True))
+            handles.append(all_gather_single(bucket.param_data, own, group=self.dp_group,
+                                             async_op=True))
         for handle in handles:
             handle.wait()

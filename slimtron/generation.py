@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from slimtron.model.kernels import torch_attention
 from slimtron.parallel import comm
 
 
@@ -53,18 +53,12 @@ class KVCache:
 
 def _attention(q, k, v, offset: int) -> torch.Tensor:
     """Query ``i`` sits at position ``offset + i`` and sees keys ``0 .. offset + i``."""
-    s, b, heads, d = q.shape
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, len, d]
-    per_group = heads // k.shape[1]
-    if per_group > 1:
-        k = k.repeat_interleave(per_group, dim=1)
-        v = v.repeat_interleave(per_group, dim=1)
+    s = q.shape[0]
     mask = None
     if s > 1:
         query_pos = offset + torch.arange(s, device=q.device)
-        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= query_pos[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= query_pos[:, None]
+    return torch_attention(q, k, v, attn_mask=mask)
 
 
 # ------------------------------------------------------------------------------------ sampling

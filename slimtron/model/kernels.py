@@ -49,12 +49,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = _flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                dropout_p=dropout_p, causal=True)
         return out.transpose(0, 1).reshape(s, b, heads * d)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    return torch_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+                    attn_mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on the layout of ``causal_attention`` (q ``[s, b, heads,
+    d]``, k and v ``[len, b, groups, d]``); returns ``[s, b, heads * d]``."""
+    s, b, heads, d = q.shape
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, len, d]
     per_group = heads // k.shape[1]
     if per_group > 1:
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal)
     return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 

@@ -25,7 +25,7 @@ from slimtron.arguments import validate
 from slimtron.checkpointing import load_checkpoint, load_common
 from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError
-from slimtron.data.tokenizers import build_tokenizer
+from slimtron.data.tokenizers import build_model_tokenizer
 from slimtron.model import build_model_chunks
 from slimtron.parallel.random import seed_default_generators
 from slimtron.parallel.state import ParallelState, init_distributed
@@ -70,9 +70,6 @@ def evaluation_config(args, saved: dict) -> Config:
     d.data_cache_path, d.mock_data = args.data_cache_path, False
     d.tokenizer_type = args.tokenizer_type or d.tokenizer_type
     d.tokenizer_model = args.tokenizer_model or d.tokenizer_model
-    if not d.tokenizer_type or not d.tokenizer_model:
-        raise ConfigError(f"checkpoint {args.load} names no tokenizer: pass --tokenizer-type and "
-                          "--tokenizer-model")
     t.micro_batch_size, t.global_batch_size = args.micro_batch_size, args.global_batch_size
     t.train_iters, t.eval_iters, t.eval_interval = 0, args.eval_iters, None
     t.load, t.save, t.finetune = args.load, None, True
@@ -85,10 +82,8 @@ def evaluation_config(args, saved: dict) -> Config:
 
 def build_engine(config: Config, world: int, device) -> training.Engine:
     """Model (weights from the checkpoint), tokenizer and datasets; no gradients, no optimizer."""
-    tokenizer = build_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError(f"tokenizer {config.data.tokenizer_model} has {tokenizer.vocab_size} "
-                          f"tokens, more than the model's vocabulary {config.model.vocab_size}")
+    tokenizer = build_model_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model,
+                                      config.model.vocab_size, config.training.load)
     validate(config, world)
     p = config.parallel
     pstate = ParallelState.build(p.tp, p.pp, p.data_parallel_size, device=device)

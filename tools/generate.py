@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from slimtron.checkpointing import load_checkpoint, load_common
 from slimtron.cli import run_tool
-from slimtron.config import Config, ConfigError
-from slimtron.data.tokenizers import build_tokenizer
+from slimtron.config import Config
+from slimtron.data.tokenizers import build_model_tokenizer
 from slimtron.generation import generate
 from slimtron.model import build_model_chunks
 from slimtron.parallel.state import ParallelState, init_distributed
@@ -47,15 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_tokenizer(args, config: Config):
-    kind = args.tokenizer_type or config.data.tokenizer_type
-    path = args.tokenizer_model or config.data.tokenizer_model
-    if not kind or not path:
-        raise ConfigError(f"checkpoint {args.load} names no tokenizer: pass --tokenizer-type and "
-                          "--tokenizer-model")
-    return build_tokenizer(kind, path)
-
-
 def load_model(args, config: Config, pstate: ParallelState):
     cfg = config.model
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
@@ -72,10 +63,9 @@ def run(args) -> list[int]:
     pstate = ParallelState.build(tp=world, pp=1, device=device)
     _, common = load_common(args.load)
     config = Config.from_dict(common["config"])
-    tokenizer = load_tokenizer(args, config)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-                          f"vocabulary {config.model.vocab_size}")
+    tokenizer = build_model_tokenizer(args.tokenizer_type or config.data.tokenizer_type,
+                                      args.tokenizer_model or config.data.tokenizer_model,
+                                      config.model.vocab_size, args.load)
     model = load_model(args, config, pstate)
     prompt = torch.tensor([tokenizer.tokenize(args.prompt)], dtype=torch.long, device=device)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,

@@ -151,3 +151,17 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str, **kwargs) -> Toke
         raise ConfigError(f"--tokenizer-type {tokenizer_type!r} is not one of "
                           f"{', '.join(TOKENIZER_TYPES)}")
     return cls(tokenizer_model, **kwargs)
+
+
+def build_model_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str],
+                          vocab_size: int, checkpoint: str) -> Tokenizer:
+    """The tokenizer a checkpoint's model of ``vocab_size`` ids reads (the checkpoint's own or the
+    caller's override); ConfigError when none is named or it has more ids than the model."""
+    if not tokenizer_type or not tokenizer_model:
+        raise ConfigError(f"checkpoint {checkpoint} names no tokenizer: pass --tokenizer-type and "
+                          "--tokenizer-model")
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_model} has {tokenizer.vocab_size} tokens, more "
+                          f"than the model's vocabulary {vocab_size}")
+    return tokenizer

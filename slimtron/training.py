@@ -2,8 +2,8 @@
 
 The order of things in a step (each a module's job):
   micro-batches (data) -> pipeline schedule (parallel.pipeline) running the model chunks ->
-  gradient all-reduce of sequence-parallel and tied-embedding grads (model) -> data-parallel
-  average (parallel.data_parallel) -> unscale / clip / AdamW (optim) -> logging.
+  data-parallel average (parallel.data_parallel) -> all-reduce of sequence-parallel and
+  tied-embedding grads (model) -> unscale / clip / AdamW (optim) -> logging.
 """
 from __future__ import annotations
 

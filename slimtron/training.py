@@ -49,7 +49,6 @@ class Engine:
     model_chunks: list
     grads: DataParallelGrads
     optimizer: object
-    tokenizer: object
     datasets: tuple  # (train, valid, test), None where not needed
     state: TrainState
     params_dtype: torch.dtype
@@ -292,8 +291,8 @@ def setup(config: Config, world_size: Optional[int] = None) -> Engine:
     # The pipeline interleaves micro-batches, so "last micro-batch" is per parameter: a bucket's
     # reduction starts once each of its parameters has had all its gradients for the step.
     grads.set_microbatches_per_step(num_micro)
-    engine = Engine(config, pstate, model_chunks, grads, optimizer, tokenizer, (None,) * 3,
-                    TrainState(), params_dtype, num_micro)
+    engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
+                    params_dtype, num_micro)
     if t.load:
         load(engine)
     engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)

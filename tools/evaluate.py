@@ -81,7 +81,8 @@ def evaluation_config(args, saved: dict) -> Config:
 
 
 def build_engine(config: Config, world: int, device) -> training.Engine:
-    """Model (weights from the checkpoint), tokenizer and datasets; no gradients, no optimizer."""
+    """Model (weights from the checkpoint) and datasets (the tokenizer gives their end-of-document
+    id); no gradients, no optimizer."""
     tokenizer = build_model_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model,
                                       config.model.vocab_size, config.training.load)
     validate(config, world)
@@ -96,8 +97,8 @@ def build_engine(config: Config, world: int, device) -> training.Engine:
     t = config.training
     num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
     datasets, available = training.build_datasets(config, tokenizer, pstate)
-    return training.Engine(config, pstate, chunks, None, None, tokenizer, datasets,
-                           training.TrainState(), params_dtype, num_micro, available)
+    return training.Engine(config, pstate, chunks, None, None, datasets, training.TrainState(),
+                           params_dtype, num_micro, available)
 
 
 def run(args) -> float:

@@ -56,9 +56,9 @@ def model_file(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank:02d}_pp{pp_rank:03d}.pt"
 
 
-def _barrier(group=None):
+def _barrier():
     if dist.is_initialized():
-        dist.barrier(group=group)
+        dist.barrier()
 
 
 def _named_params(model_chunks) -> dict[str, torch.nn.Parameter]:

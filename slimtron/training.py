@@ -150,8 +150,8 @@ def microbatches_for(dataset, first_sample: int, config: Config, pstate: Paralle
     for k in range(num_microbatches):
         start = first_sample + k * mbs * dp + pstate.dp_rank * mbs
         if start + mbs > len(dataset):
-            raise RuntimeError(f"the dataset has {len(dataset)} samples; sample {start + mbs - 1} "
-                               "was asked for (it was built for fewer iterations than this run)")
+            raise ConfigError(f"the dataset has {len(dataset)} samples; sample {start + mbs - 1} "
+                              "was asked for (it was built for fewer iterations than this run)")
         samples = [dataset[start + j] for j in range(mbs)]
         out.append({key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
                     .to(pstate.device) for key in samples[0]})

@@ -252,6 +252,13 @@ def test_train_valid_test_single_and_blended(corpora, tmp_path):
     for i in (0, 1, 399):
         source = train.datasets[train.dataset_index[i]]
         assert torch.equal(train[i]["tokens"], source[int(train.dataset_sample_index[i])]["tokens"])
+    # Prefixes without weights blend in proportion to their token counts (as --data-path A B).
+    unweighted, _, _ = build_train_valid_test_datasets(list(corpora[:2]), "90,10,0", 16, 1,
+                                                       (400, 20, 0), cache_dir=cache)
+    tokens = np.array([IndexedDataset(p).num_tokens for p in corpora[:2]], dtype=np.float64)
+    counts = np.bincount(unweighted.dataset_index, minlength=2)
+    assert np.abs(counts - 400 * tokens / tokens.sum()).max() < 1.5
+    assert parse_data_path(["a", "b"]) == (["a", "b"], None)
     tiny = str(tmp_path / "tiny")
     make_corpus(tiny, 4, seed=3)  # 5 documents: its 5% valid split is empty
     with pytest.raises(ConfigError, match="valid split .* of .*tiny is empty"):

@@ -16,6 +16,7 @@ import torch
 from slimtron import _C
 from slimtron.config import ConfigError
 from slimtron.data.gpt_dataset import SPLIT_NAMES, gpt_datasets_for_prefix
+from slimtron.data.indexed_dataset import IndexedDataset
 
 SAMPLE_SURPLUS = 0.005
 
@@ -60,10 +61,11 @@ def _name(dataset) -> str:
 
 
 def parse_data_path(data_path) -> tuple[list[str], Optional[list[float]]]:
-    """``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]`` -> (prefixes, weights or None)."""
+    """``[prefix]``, ``[prefix1, prefix2, ...]`` (weighted by their token counts) or
+    ``[w1, prefix1, w2, prefix2, ...]`` -> (prefixes, weights or None when none were given)."""
     items = [data_path] if isinstance(data_path, str) else list(data_path)
-    if len(items) == 1:
-        return [str(items[0])], None
+    if len(items) == 1 or not any(_is_number(item) for item in items):
+        return [str(item) for item in items], None  # unweighted: blended by size
     if len(items) % 2:
         raise ConfigError(f"--data-path {' '.join(map(str, items))}: expected one prefix or "
                           "weight/prefix pairs")
@@ -78,6 +80,14 @@ def parse_data_path(data_path) -> tuple[list[str], Optional[list[float]]]:
     return prefixes, weights
 
 
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed: int,
                                     num_samples: Sequence[int] = (0, 0, 0), cache_dir: Optional[str] = None,
                                     eod_id: Optional[int] = None, eod_mask_loss: bool = False,
@@ -90,8 +100,10 @@ def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed
         raise ConfigError(f"num_samples must give train, valid and test counts, got {num_samples}")
     prefixes, weights = parse_data_path(data_path)
     options = dict(cache_dir=cache_dir, eod_id=eod_id, eod_mask_loss=eod_mask_loss, pstate=pstate)
-    if weights is None:
+    if len(prefixes) == 1:
         return gpt_datasets_for_prefix(prefixes[0], split, num_samples, seq_length, seed, **options)
+    if weights is None:  # several prefixes without weights: each in proportion to its tokens
+        weights = [float(IndexedDataset(prefix).num_tokens) for prefix in prefixes]
     if any(n is None for n in num_samples):
         raise ConfigError("a blended --data-path needs a sample count for every split")
     weights = normalize_weights(weights)

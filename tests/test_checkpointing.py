@@ -1,12 +1,9 @@
 """Checkpoints: exact resume, a save killed half-way, resharding across layouts, refusals."""
-import copy
 import os
 
 import pytest
-import torch
 
 from slimtron import checkpointing
-from slimtron.config import ConfigError
 from slimtron.training import setup, train
 from tests.distributed import run_distributed
 from tests.test_training_parity import tiny_config

@@ -1,6 +1,5 @@
 """tools/evaluate.py: the validation loss of a checkpoint, equal to a direct computation on the same
 samples, in one process and under (tp, pp) = (2, 2)."""
-import importlib.util
 import math
 import os
 
@@ -14,21 +13,13 @@ from slimtron.data import IndexedDatasetBuilder, build_train_valid_test_datasets
 from slimtron.model import build_model_chunks
 from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
-from tests.test_hf_conversion import SP_MODEL, llama_config, perturb
+from tests.test_hf_conversion import SP_MODEL, llama_config, perturb, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, MBS, GBS, ITERS, SPLIT = 16, 2, 4, 2, "6,4,0"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool",
-                                                  os.path.join(ROOT, "tools", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_tool = _load_tool()
+evaluate_tool = tool("evaluate", "tools")
 
 
 def model_config():

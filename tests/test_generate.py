@@ -1,6 +1,5 @@
 """Generation with a KV cache: equal to recomputing the whole sequence, to transformers' greedy
 generate on the exported model, and under TP=2 to TP=1."""
-import importlib.util
 import os
 
 import pytest
@@ -19,15 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "And God said, Let there be light"
 
 
-def _load_generate_tool():
-    spec = importlib.util.spec_from_file_location("generate_tool",
-                                                  os.path.join(ROOT, "tools", "generate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen_tool = _load_generate_tool()
+gen_tool = tool("generate", "tools")
 
 
 def small(cfg: ModelConfig) -> ModelConfig:

@@ -26,8 +26,9 @@ SP_MODEL = os.path.join(ROOT, "data", "tokenizer", "kjv_bpe8k.model")
 VOCAB = 8000  # the bundled tokenizer's
 
 
-def tool(name: str):
-    path = os.path.join(ROOT, "tools", "checkpoint", f"{name}.py")
+def tool(name: str, folder: str = "tools/checkpoint"):
+    """Import a script under tools/ as a module (they are programs, not a package)."""
+    path = os.path.join(ROOT, folder, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 import slimtron.training as training
 from slimtron.training import setup, train

@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from slimtron.checkpointing import save_checkpoint
-from slimtron.config import Config, DataConfig
 from slimtron.data import IndexedDatasetBuilder, build_train_valid_test_datasets
-from slimtron.model import build_model_chunks
-from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
-from tests.test_hf_conversion import SP_MODEL, llama_config, perturb, tool
+from tests.test_hf_conversion import llama_config, reference_model, save_reference_checkpoint, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, MBS, GBS, ITERS, SPLIT = 16, 2, 4, 2, "6,4,0"
@@ -39,13 +35,7 @@ def files(tmp_path_factory):
         builder.add_document(np.append(rng.integers(3, 8000, rng.integers(10, 40)), 2)
                              .astype(np.uint16))
     builder.finalize()
-    cfg = model_config()
-    model = build_model_chunks(cfg, ParallelState.single())[0]
-    perturb([model], cfg, ParallelState.single())
-    config = Config(model=cfg, data=DataConfig(tokenizer_type="SentencePieceTokenizer",
-                                               tokenizer_model=SP_MODEL))
-    save_checkpoint(ckpt, 7, [model], None, pstate=ParallelState.single(), config=config,
-                    consumed_samples=0)
+    save_reference_checkpoint(ckpt, model_config(), iteration=7)
     return prefix, ckpt, str(root / "cache")
 
 
@@ -61,10 +51,7 @@ def argv(files, tp=1, pp=1):
 def direct_loss(files) -> float:
     """Mean over the batches of the masked mean token loss, on validation samples 0 .. n-1."""
     prefix, _, cache = files
-    cfg = model_config()
-    model = build_model_chunks(cfg, ParallelState.single())[0]
-    perturb([model], cfg, ParallelState.single())
-    model.eval()
+    model = reference_model(model_config())
     n = ITERS * GBS
     valid = build_train_valid_test_datasets([prefix], SPLIT, SEQ, 1234, (0, n, n),
                                             cache_dir=cache, eod_id=2)[1]

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from slimtron.checkpointing import save_checkpoint
-from slimtron.config import Config, DataConfig, ModelConfig
+from slimtron.config import Config, ModelConfig
 from slimtron.data.tokenizers import SentencePieceTokenizer
 from slimtron.generation import KVCache, filter_logits, generate, sample
 from slimtron.model import build_model_chunks
 from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
-from tests.test_hf_conversion import SP_MODEL, gpt2_config, llama_config, perturb, tool
+from tests.test_hf_conversion import (SP_MODEL, gpt2_config, llama_config, perturb,
+                                      save_reference_checkpoint, tool)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "And God said, Let there be light"
@@ -114,13 +115,7 @@ def llama_files(tmp_path_factory):
     """A tiny Llama checkpoint with the bundled tokenizer, and its Hugging Face export."""
     root = tmp_path_factory.mktemp("generate")
     ckpt, hf_dir = str(root / "ckpt"), str(root / "hf")
-    cfg = llama_config()
-    model = build_model_chunks(cfg, ParallelState.single())[0]
-    perturb([model], cfg, ParallelState.single())
-    config = Config(model=cfg, data=DataConfig(tokenizer_type="SentencePieceTokenizer",
-                                               tokenizer_model=SP_MODEL))
-    save_checkpoint(ckpt, 1, [model], None, pstate=ParallelState.single(), config=config,
-                    consumed_samples=0)
+    save_reference_checkpoint(ckpt, llama_config())
     assert tool("convert_to_hf").main(["--load", ckpt, "--output", hf_dir]) == 0
     return ckpt, hf_dir
 

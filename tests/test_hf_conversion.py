@@ -81,6 +81,12 @@ def reference_model(cfg: ModelConfig):
     return model.eval()
 
 
+def save_reference_checkpoint(root: str, cfg: ModelConfig, iteration: int = 1):
+    """A one-process checkpoint of ``reference_model(cfg)`` with the bundled tokenizer."""
+    save_checkpoint(root, iteration, [reference_model(cfg)], None, pstate=ParallelState.single(),
+                    config=full_config(cfg), consumed_samples=0)
+
+
 def _save_parallel(rank, world, root, cfg_dict, tp, pp):
     cfg = ModelConfig(**cfg_dict)
     pstate = ParallelState.build(tp=tp, pp=pp)
@@ -101,10 +107,7 @@ def llama_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_ckpt(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gpt2_ckpt"))
-    cfg = gpt2_config()
-    model = reference_model(cfg)
-    save_checkpoint(root, 1, [model], None, pstate=ParallelState.single(), config=full_config(cfg),
-                    consumed_samples=0)
+    save_reference_checkpoint(root, gpt2_config())
     return root
 
 

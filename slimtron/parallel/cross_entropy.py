@@ -68,3 +68,61 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
         raise ValueError(f"cross entropy: logits {tuple(logits.shape)} do not match "
                          f"target {tuple(target.shape)}")
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, group)
+
+
+# ---- distillation: KL(teacher || student) over vocab-parallel logits ---------------------------
+
+def _log_softmax_parts(scaled: torch.Tensor, group):
+    """(shifted logits, log of the sum of exponentials), both reduced over the TP group; padding
+    columns must already be -inf."""
+    logits_max = comm.all_reduce(scaled.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
+    shifted = scaled - logits_max.unsqueeze(-1)
+    log_sum_exp = torch.log(comm.all_reduce(shifted.exp().sum(dim=-1), group))
+    return shifted, log_sum_exp
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, vocab_size, temperature, group):
+        ctx.input_dtype = student.dtype
+        per_rank = student.shape[-1]
+        vocab_start = comm.group_rank(group) * per_rank
+        s = student.to(torch.float32, copy=True).div_(temperature)
+        t = teacher.to(torch.float32, copy=True).div_(temperature)
+        _mask_padding(s, vocab_start, vocab_size)
+        _mask_padding(t, vocab_start, vocab_size)
+        s_shifted, s_lse = _log_softmax_parts(s, group)
+        t_shifted, t_lse = _log_softmax_parts(t, group)
+        log_p_s = s_shifted - s_lse.unsqueeze(-1)
+        log_p_t = t_shifted - t_lse.unsqueeze(-1)
+        p_t = log_p_t.exp()
+        valid = torch.isfinite(log_p_t)  # padding columns: p_t = 0, and 0 * (-inf - -inf) is nan
+        terms = torch.where(valid, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+        kl = comm.all_reduce(terms.sum(dim=-1), group)
+        ctx.temperature = temperature
+        ctx.save_for_backward(log_p_s.exp_(), p_t)
+        return kl * temperature ** 2
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        p_s, p_t = ctx.saved_tensors
+        # d(T^2 KL)/d(student logit) = T^2 * (p_s - p_t) / T; padding columns: both are 0.
+        grad = p_s.sub_(p_t).mul_((ctx.temperature * grad_kl).unsqueeze(-1))
+        return grad.to(ctx.input_dtype), None, None, None, None
+
+
+def vocab_parallel_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                 vocab_size: int, temperature: float = 1.0,
+                                 group=None) -> torch.Tensor:
+    """Per-token fp32 ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, shaped like the
+    logits without their last dimension (Hinton et al.'s T^2 keeps the gradient's scale
+    independent of T). Both inputs hold this rank's ``padded_vocab / tp`` columns; only
+    ``[...]``-shaped reductions cross the TP group and the teacher gets no gradient."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"distillation: student logits {tuple(student_logits.shape)} and teacher "
+                         f"logits {tuple(teacher_logits.shape)} differ (same tokenizer and "
+                         "tensor-parallel size needed)")
+    if not temperature > 0:
+        raise ValueError(f"distillation: temperature must be positive, got {temperature}")
+    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), vocab_size,
+                                  float(temperature), group)

@@ -1,0 +1,1 @@
+"""Post-training: knowledge distillation (teacher and loss) and Minitron-style pruning."""

@@ -1,0 +1,139 @@
+"""Distillation: the vocab-parallel KL and the KD loss against a direct PyTorch computation, and
+TP=2 against TP=1 (loss and every student gradient), with a teacher loaded from a checkpoint that
+is deeper and wider than the student; a teacher with another tokenizer is refused in one line."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimtron.checkpointing import save_checkpoint
+from slimtron.config import Config, ConfigError, DataConfig, ModelConfig
+from slimtron.model import build_model_chunks
+from slimtron.parallel.cross_entropy import vocab_parallel_kl_divergence
+from slimtron.parallel.sharding import unshard_like
+from slimtron.parallel.state import ParallelState
+from slimtron.post_training.distillation import distillation_loss, load_teacher, teacher_logits
+from tests.distributed import run_distributed
+from tests.test_hf_conversion import perturb
+
+VOCAB = 300  # padded to 384 at tp=1 and 512 at tp=2: padding must not count
+TEMPERATURE, ALPHA = 2.0, 0.7
+
+
+def llama(layers: int, hidden: int, ffn: int, vocab: int = VOCAB) -> ModelConfig:
+    return ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                       num_attention_heads=4, num_query_groups=2, seq_length=16, vocab_size=vocab,
+                       normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+                       add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                       hidden_dropout=0.0, attention_dropout=0.0)
+
+
+TEACHER, STUDENT = llama(3, 48, 96), llama(2, 32, 64)
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=g)
+    labels = torch.randint(0, VOCAB, (2, 16), generator=g)
+    mask = (torch.rand(2, 16, generator=g) > 0.3).float()
+    return tokens, labels, mask
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("teacher"))
+    pstate = ParallelState.single()
+    model = build_model_chunks(TEACHER, pstate, seed=7)[0]
+    with torch.no_grad():
+        perturb([model], TEACHER, pstate)
+    save_checkpoint(root, 5, [model], None, pstate, Config(model=TEACHER), 0)
+    return root
+
+
+def kd_step(pstate, teacher_root):
+    """Masked-mean KD loss of one batch and the student's full (unsharded) grads."""
+    student = build_model_chunks(STUDENT, pstate, seed=11)[0]
+    teacher = load_teacher(teacher_root, Config(model=STUDENT), pstate, sequence_parallel=False)
+    tokens, labels, mask = batch()
+    logits = student(tokens=tokens)
+    per_token = distillation_loss(logits, teacher_logits(teacher, tokens, None), labels, VOCAB,
+                                  temperature=TEMPERATURE, alpha=ALPHA, group=pstate.tp_group)
+    loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {}
+    for p in student.parameters():
+        shards = [torch.empty_like(p.grad) for _ in range(pstate.tp_size)]
+        if pstate.tp_size > 1:
+            torch.distributed.all_gather(shards, p.grad.contiguous(), group=pstate.tp_group)
+        else:
+            shards = [p.grad]
+        grads[p.global_name] = unshard_like(shards, p)
+    return loss.detach(), grads
+
+
+def _tp2(rank, world, teacher_root):
+    return kd_step(ParallelState.build(tp=2, pp=1), teacher_root)
+
+
+def test_kl_matches_pytorch_with_padding():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 4, 128, generator=g, requires_grad=True)
+    t = torch.randn(3, 4, 128, generator=g)
+    ours = vocab_parallel_kl_divergence(s, t, 100, temperature=3.0)
+    ref = 9.0 * F.kl_div(F.log_softmax(s[..., :100] / 3.0, -1), F.log_softmax(t[..., :100] / 3.0, -1),
+                         log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn(3, 4, generator=g)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), s)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), s)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+    assert g_ours[..., 100:].abs().max() == 0  # padding columns get nothing
+    same = vocab_parallel_kl_divergence(t.clone().requires_grad_(), t, 100)
+    assert same.abs().max() < 1e-6  # KL of a distribution with itself
+
+
+def test_kd_loss_tp2_equals_tp1_equals_pytorch(teacher_dir):
+    loss1, grads1 = kd_step(ParallelState.single(), teacher_dir)
+    (loss2, grads2), other = run_distributed(_tp2, 2, teacher_dir)
+    torch.testing.assert_close(other[0], loss2)
+    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=0)
+    assert grads1.keys() == grads2.keys()
+    for name in grads1:
+        rows = VOCAB if name.endswith(("word_embeddings.weight", "output_layer.weight")) else None
+        torch.testing.assert_close(grads2[name][:rows], grads1[name][:rows], rtol=1e-5, atol=1e-7,
+                                   msg=name)
+
+    # Direct PyTorch: full-vocabulary softmaxes of the same two models, no slimtron loss code.
+    pstate = ParallelState.single()
+    student = build_model_chunks(STUDENT, pstate, seed=11)[0]
+    teacher = load_teacher(teacher_dir, Config(model=STUDENT), pstate, sequence_parallel=False)
+    tokens, labels, mask = batch()
+    s = student(tokens=tokens)[..., :VOCAB].float()
+    with torch.no_grad():
+        t = teacher(tokens=tokens)[..., :VOCAB].float()
+    kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1),
+                  log_target=True, reduction="none").sum(-1) * TEMPERATURE ** 2
+    ce = F.cross_entropy(s.reshape(-1, VOCAB), labels.reshape(-1), reduction="none").view(2, 16)
+    direct = ((ALPHA * kl + (1 - ALPHA) * ce) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss1, direct.detach(), rtol=1e-5, atol=0)
+    direct.backward()
+    for p in student.parameters():
+        torch.testing.assert_close(grads1[p.global_name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
+    other = Config(model=llama(2, 32, 64, vocab=VOCAB + 1))
+    with pytest.raises(ConfigError, match="vocabulary has 300 tokens and the student's 301"):
+        load_teacher(teacher_dir, other, ParallelState.single(), sequence_parallel=False)
+    a, b = tmp_path / "a.model", tmp_path / "b.model"
+    a.write_bytes(b"one tokenizer")
+    b.write_bytes(b"another")
+    teacher = Config(model=STUDENT, data=DataConfig(tokenizer_type="SentencePieceTokenizer",
+                                                    tokenizer_model=str(a)))
+    student = Config(model=STUDENT, data=DataConfig(tokenizer_type="SentencePieceTokenizer",
+                                                    tokenizer_model=str(b)))
+    from slimtron.post_training.distillation import check_same_tokenizer
+    with pytest.raises(ConfigError, match="is not the student's"):
+        check_same_tokenizer(teacher, student, "T")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing"), student, ParallelState.single(),
+                     sequence_parallel=False)

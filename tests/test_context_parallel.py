@@ -1,0 +1,120 @@
+"""Context parallelism: load-balanced sharding and ring attention against full causal attention."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from slimtron.model import kernels
+from slimtron.parallel import context_parallel as cpar
+from tests.distributed import run_distributed
+
+
+# ---- sharding --------------------------------------------------------------------------------
+
+def test_each_rank_holds_chunk_i_and_its_mirror():
+    x = torch.arange(16)
+    assert cpar.shard_sequence(x, 0, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert cpar.shard_sequence(x, 0, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert cpar.shard_sequence(x, 0, 4, 1).tolist() == [2, 3, 12, 13]
+    assert cpar.local_positions(16, 4, 3).tolist() == [6, 7, 8, 9]
+    assert cpar.shard_sequence(x, 0, 1, 0) is x
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_shard_unshard_round_trip(cp):
+    batch = {"tokens": torch.randint(0, 100, (3, 24)), "loss_mask": torch.rand(3, 24)}
+    shards = [cpar.shard_batch(batch, cp, r) for r in range(cp)]
+    for key, value in batch.items():
+        assert all(s[key].shape == (3, 24 // cp) for s in shards)
+        assert torch.equal(cpar.unshard_sequence([s[key] for s in shards], 1), value)
+    hidden = torch.randn(24, 2, 5)  # [s, b, h]
+    parts = [cpar.shard_sequence(hidden, 0, cp, r) for r in range(cp)]
+    assert torch.equal(cpar.unshard_sequence(parts, 0), hidden)
+
+
+def test_indivisible_sequence_is_refused():
+    with pytest.raises(ValueError, match="2 x context-parallel size 4 = 8"):
+        cpar.shard_sequence(torch.zeros(2, 20), 1, 4, 0)
+
+
+# ---- ring attention ----------------------------------------------------------------------------
+
+SEQ, BATCH, HEAD_DIM = 48, 2, 8
+CASES = [  # (heads, groups, with segment ids)
+    (6, 2, False), (6, 3, True), (6, 6, False), (4, 1, True), (6, 2, True),
+]
+
+
+def _segments(seed: int) -> torch.Tensor:
+    """Packed documents of random lengths: ``[b, s]`` ids; one sample starts a document at a
+    chunk boundary and holds one-token documents."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(BATCH, SEQ, generator=g) < 0.15
+    starts[0, SEQ // 4] = True  # a document starting exactly at a chunk boundary (cp=2)
+    starts[1, 5:8] = True  # one-token documents
+    return starts.long().cumsum(dim=1)
+
+
+def _reference(heads, groups, with_segments, seed):
+    """Inputs, weights of the scalar loss, and output and grads of SDPA on the whole sequence."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(SEQ, BATCH, heads, HEAD_DIM, generator=g, requires_grad=True)
+    k = torch.randn(SEQ, BATCH, groups, HEAD_DIM, generator=g, requires_grad=True)
+    v = torch.randn(SEQ, BATCH, groups, HEAD_DIM, generator=g, requires_grad=True)
+    weight = torch.randn(SEQ, BATCH, heads * HEAD_DIM, generator=g)
+    segments = _segments(seed) if with_segments else None
+    if segments is None:
+        out = kernels.torch_attention(q, k, v, is_causal=True)
+    else:
+        causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        same = segments[:, :, None] == segments[:, None, :]
+        out = kernels.torch_attention(q, k, v, attn_mask=(causal & same)[:, None])
+    (out * weight).sum().backward()
+    return (q, k, v, weight, segments), (out.detach(), q.grad, k.grad, v.grad)
+
+
+def _check_ring(cp, label):
+    """Ring attention on this rank's shards equals the shard of the reference, for every case."""
+    for case, (heads, groups, with_segments) in enumerate(CASES):
+        (q, k, v, weight, segments), expected = _reference(heads, groups, with_segments, seed=case)
+        shard = lambda t, dim=0: cpar.shard_sequence(t.detach(), dim, cp.size, cp.rank)  # noqa: E731
+        ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
+        out = cpar.ring_attention(ql, kl, vl, cp, None if segments is None else shard(segments, 1))
+        (out * shard(weight)).sum().backward()
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
+                                   expected):
+            torch.testing.assert_close(got, shard(want), rtol=1e-5, atol=1e-5,
+                                       msg=f"{label} heads={heads} groups={groups} "
+                                           f"segments={with_segments}: {name}")
+
+
+def _ring_worker(rank, world):
+    whole = SimpleNamespace(size=world, rank=rank, ranks=list(range(world)), group=dist.group.WORLD)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair = SimpleNamespace(size=2, rank=rank % 2, ranks=[rank - rank % 2, rank - rank % 2 + 1],
+                           group=pairs[rank // 2])
+    _check_ring(whole, "cp=4")
+    _check_ring(pair, "cp=2")
+    return True
+
+
+def test_ring_attention_matches_full_attention_cp1():
+    single = SimpleNamespace(size=1, rank=0, ranks=[0], group=None)
+    _check_ring(single, "cp=1")
+
+
+def test_ring_attention_matches_full_attention_cp2_cp4():
+    assert run_distributed(_ring_worker, 4) == [True] * 4
+
+
+def test_ring_attention_keeps_dtype_and_refuses_odd_lengths():
+    single = SimpleNamespace(size=1, rank=0, ranks=[0], group=None)
+    q = torch.randn(8, 1, 4, 8, dtype=torch.bfloat16)
+    k = torch.randn(8, 1, 2, 8, dtype=torch.bfloat16)
+    out = cpar.ring_attention(q, k, k, single)
+    assert out.dtype == torch.bfloat16 and out.shape == (8, 1, 32)
+    reference = kernels.torch_attention(q.float(), k.float(), k.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="local sequence length 7"):
+        cpar.ring_attention(q[:7], k[:7], k[:7], single)

@@ -49,6 +49,7 @@ _MODEL_FLAGS = [
 _PARALLEL_FLAGS = [
     ("--tensor-model-parallel-size", None, dict(type=int)),
     ("--pipeline-model-parallel-size", None, dict(type=int)),
+    ("--context-parallel-size", None, dict(type=int)),
     ("--num-layers-per-virtual-pipeline-stage", None, dict(type=int)),
     ("--sequence-parallel", None, dict(action="store_true")),
     ("--use-distributed-optimizer", None, dict(action="store_true")),
@@ -273,14 +274,18 @@ def _check_precision(optim: OptimizerConfig) -> None:
 
 
 def _resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> None:
-    tp, pp = parallel.tp, parallel.pp
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size "
                           f"{pp} must be positive")
-    if world_size % (tp * pp):
+    if cp != 1:
+        # Context parallelism has its axis (ParallelState.cp) but no sharded attention yet.
+        raise ConfigError(f"--context-parallel-size {cp}: context parallelism is not implemented "
+                          "yet; only 1 is supported")
+    if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-"
                           f"size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}")
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if parallel.data_parallel_size not in (None, dp):
         raise ConfigError(f"data_parallel_size {parallel.data_parallel_size} does not match world "
                           f"size {world_size} / (tp {tp} x pp {pp}) = {dp}")

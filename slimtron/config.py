@@ -74,6 +74,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     data_parallel_size: Optional[int] = None  # derived from the world size when None
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     sequence_parallel: bool = False
@@ -90,6 +91,10 @@ class ParallelConfig:
     @property
     def pp(self) -> int:
         return self.pipeline_model_parallel_size
+
+    @property
+    def cp(self) -> int:
+        return self.context_parallel_size
 
     def virtual_pipeline_size(self, num_layers: int) -> int:
         """Model chunks per pipeline stage (1 = no interleaving)."""

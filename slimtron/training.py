@@ -272,7 +272,7 @@ def setup(config: Config, world_size: Optional[int] = None) -> Engine:
     validate(config, world)
     p = config.parallel
     vpp = p.virtual_pipeline_size(config.model.num_layers)
-    pstate = ParallelState.build(p.tp, p.pp, p.data_parallel_size, device=device,
+    pstate = ParallelState.build(p.tp, p.pp, p.data_parallel_size, p.cp, device=device,
                                  virtual_pp_size=vpp,
                                  timeout=datetime.timedelta(minutes=p.distributed_timeout_minutes))
     seed = config.training.seed

@@ -1,17 +1,21 @@
-"""The rank grid and its process groups.
+"""The rank grid and its process groups, as named axes.
 
-Rank order is Megatron's tp-dp-pp: tensor-parallel ranks are neighbours (so they share a node and its
-fast links), then data parallel, with pipeline parallel outermost. The grid is one reshape of
-``arange(world)`` to ``[pp, dp, tp]``; every group is a slice of it. ``rank_grid`` and ``group_ranks``
-are pure functions; ``ParallelState`` builds the real process groups from them and is passed to
-whatever needs them (there is no module-level state).
+Rank order is Megatron's tp-cp-dp-pp: tensor-parallel ranks are neighbours (so they share a node and
+its fast links), then context parallel, then data parallel, with pipeline parallel outermost. The
+grid is one reshape of ``arange(world)``; every group is the set of ranks that differ only along some
+of its axes. ``rank_grid`` and ``axis_groups`` are pure functions; ``ParallelState`` builds the real
+process groups from them and is passed to whatever needs them (there is no module-level state).
+
+Adding an axis means adding its name to ``ORDER`` (and to ``COMBINED`` where a group spans it), a
+size argument to ``ParallelState.build``, and its uses.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,35 +23,72 @@ import torch.distributed as dist
 
 from slimtron.config import ConfigError
 
+# Innermost (neighbouring ranks) first, as Megatron writes it.
+ORDER = ("tp", "cp", "dp", "pp")
 
-def rank_grid(world_size: int, tp: int, pp: int) -> np.ndarray:
-    """Global ranks laid out as ``grid[pp_rank, dp_rank, tp_rank]``."""
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel sizes must be positive, got tp={tp} pp={pp}")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tensor-model-parallel size "
-                          f"{tp} x pipeline-model-parallel size {pp} = {tp * pp}")
-    return np.arange(world_size).reshape(pp, world_size // (tp * pp), tp)
+# Groups that span several axes: name -> the axes whose ranks it joins.
+COMBINED = {
+    "dp_cp": ("cp", "dp"),  # gradient reduction and the distributed optimizer's shards
+    "tp_cp": ("tp", "cp"),
+    "model": ("tp", "pp"),  # one model replica's ranks (CP ranks hold identical grads, as DP)
+}
 
-
-def group_ranks(grid: np.ndarray) -> dict[str, list[list[int]]]:
-    """Every process group of the grid, as lists of global ranks, keyed by kind."""
-    pp, dp, tp = grid.shape
-    pipeline = [grid[:, d, t].tolist() for d in range(dp) for t in range(tp)]
-    return {
-        "tensor": [grid[p, d, :].tolist() for p in range(pp) for d in range(dp)],
-        "data": [grid[p, :, t].tolist() for p in range(pp) for t in range(tp)],
-        "pipeline": pipeline,
-        "model": [grid[:, d, :].reshape(-1).tolist() for d in range(dp)],
-        # First and last pipeline stage hold the input embedding and the (tied) output layer.
-        "embedding": [sorted({ranks[0], ranks[-1]}) for ranks in pipeline],
-    }
+_FLAG_NAMES = {"tp": "tensor-model-parallel size", "cp": "context-parallel size",
+               "pp": "pipeline-model-parallel size", "dp": "data-parallel size"}
 
 
-def coordinates(grid: np.ndarray, rank: int) -> tuple[int, int, int]:
-    """(pp_rank, dp_rank, tp_rank) of a global rank."""
-    p, d, t = np.argwhere(grid == rank)[0]
-    return int(p), int(d), int(t)
+def rank_grid(sizes: dict[str, int], order: Sequence[str] = ORDER) -> np.ndarray:
+    """Global ranks in a grid indexed outermost first: ``grid[pp, dp, cp, tp]`` for Megatron's
+    order. ``sizes`` names every axis of ``order``."""
+    for name in order:
+        if sizes[name] < 1:
+            raise ConfigError(f"parallel sizes must be positive, got {name}={sizes[name]}")
+    shape = [sizes[name] for name in reversed(order)]
+    return np.arange(math.prod(shape)).reshape(shape)
+
+
+def axis_groups(grid: np.ndarray, axes: Sequence[str], order: Sequence[str] = ORDER) -> list[list[int]]:
+    """Every group of ranks that differ only along ``axes``, each listed in rank order."""
+    dims = [len(order) - 1 - order.index(name) for name in axes]
+    dims.sort()  # outer axis first keeps each group's ranks ascending
+    moved = np.moveaxis(grid, dims, list(range(grid.ndim - len(dims), grid.ndim)))
+    size = math.prod(grid.shape[d] for d in dims)
+    return moved.reshape(-1, size).tolist()
+
+
+def embedding_groups(grid: np.ndarray, order: Sequence[str] = ORDER) -> list[list[int]]:
+    """First and last pipeline stage of each pipeline: they hold the input embedding and the (tied)
+    output layer."""
+    return [sorted({ranks[0], ranks[-1]}) for ranks in axis_groups(grid, ["pp"], order)]
+
+
+def layout_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
+                 dp: Optional[int] = None) -> dict[str, int]:
+    """Every axis's size for ``world_size`` ranks, the data-parallel size derived when None."""
+    if min(tp, pp, cp) < 1:
+        raise ConfigError(f"parallel sizes must be positive, got tp={tp} cp={cp} pp={pp}")
+    model = tp * cp * pp
+    if dp is None:
+        if world_size % model:
+            raise ConfigError(f"world size {world_size} is not divisible by tensor-model-parallel "
+                              f"size {tp} x context-parallel size {cp} x pipeline-model-parallel "
+                              f"size {pp} = {model}")
+        dp = world_size // model
+    elif model * dp != world_size:
+        raise ConfigError(f"tensor ({tp}) x context ({cp}) x pipeline ({pp}) x data ({dp}) "
+                          f"parallel sizes = {model * dp} does not equal the world size {world_size}")
+    return {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One parallel dimension (or a combination of them) as this rank sees it. ``group`` is None
+    when there is nothing to communicate (size one, or a state built without process groups)."""
+    name: str
+    size: int
+    rank: int
+    ranks: list
+    group: Optional[object] = None
 
 
 def default_device_and_backend(backend: Optional[str] = None) -> tuple[torch.device, str]:
@@ -76,36 +117,72 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     return device
 
 
+GroupFactory = Callable[[list], Optional[object]]
+
+
+def _no_groups(ranks: list) -> None:
+    return None
+
+
+def _process_groups(world: int, timeout: Optional[datetime.timedelta]) -> GroupFactory:
+    """A factory that creates one process group per distinct rank list (new_group is collective
+    over the whole world: every rank asks for every group, in the same order)."""
+    made: dict[tuple, object] = {}
+
+    def make(ranks: list):
+        key = tuple(ranks)
+        if key not in made:
+            made[key] = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 and world > 1 else None
+        return made[key]
+    return make
+
+
+def _all_axes(grid: np.ndarray, rank: int, make_group: GroupFactory) -> dict[str, Axis]:
+    """Every single and combined axis of ``grid``, as seen by ``rank``. Groups are created for
+    every group of every axis (collective), in one fixed order."""
+    kinds = {name: axis_groups(grid, [name]) for name in ORDER}
+    kinds.update({name: axis_groups(grid, axes) for name, axes in COMBINED.items()})
+    kinds["embedding"] = embedding_groups(grid)
+    axes = {}
+    for name, groups in kinds.items():
+        mine = None
+        for ranks in groups:
+            handle = make_group(ranks)
+            if rank in ranks:
+                mine = Axis(name, len(ranks), ranks.index(rank), ranks, handle)
+        # Middle pipeline stages are in no embedding group.
+        axes[name] = mine or Axis(name, 0, -1, [], None)
+    return axes
+
+
+def _alias(axis: str, attribute: str):
+    return property(lambda self: getattr(self.axes[axis], attribute),
+                    doc=f"old name for ``pstate.{axis}.{attribute}``")
+
+
 @dataclass
 class ParallelState:
-    """This rank's place in the grid and the process groups it belongs to.
+    """This rank's place in the grid: ``pstate.tp``, ``.cp``, ``.dp``, ``.pp`` and the combined
+    ``.dp_cp``, ``.tp_cp``, ``.model``, ``.embedding``, each an ``Axis`` (size, rank, ranks, group).
 
     Groups of size one are ``None``; the collectives in ``slimtron.parallel.comm`` treat a ``None``
     group as "nothing to communicate", so a single process needs no process group at all.
     """
     world_size: int
     rank: int
-    tp_size: int
-    pp_size: int
-    dp_size: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
-    tp_ranks: list[int]
-    pp_ranks: list[int]
-    dp_ranks: list[int]
-    mp_ranks: list[int]
-    embedding_ranks: list[int]
+    axes: dict
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     virtual_pp_size: int = 1
-    tp_group: Optional[dist.ProcessGroup] = None
-    pp_group: Optional[dist.ProcessGroup] = None
-    dp_group: Optional[dist.ProcessGroup] = None
-    mp_group: Optional[dist.ProcessGroup] = None
-    embedding_group: Optional[dist.ProcessGroup] = None
 
     @classmethod
-    def build(cls, tp: int = 1, pp: int = 1, dp: Optional[int] = None,
+    def _create(cls, sizes: dict, rank: int, make_group: GroupFactory, device,
+                virtual_pp_size: int) -> "ParallelState":
+        grid = rank_grid(sizes)
+        return cls(world_size=grid.size, rank=rank, axes=_all_axes(grid, rank, make_group),
+                   device=device, virtual_pp_size=virtual_pp_size)
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, dp: Optional[int] = None, cp: int = 1,
               device: Optional[torch.device] = None, virtual_pp_size: int = 1,
               timeout: Optional[datetime.timedelta] = None) -> "ParallelState":
         """Create the grid's process groups (collective: every rank must call it).
@@ -115,63 +192,50 @@ class ParallelState:
         """
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if dp is not None and tp * pp * dp != world:
-            raise ConfigError(f"tensor ({tp}) x pipeline ({pp}) x data ({dp}) parallel sizes = "
-                              f"{tp * pp * dp} does not equal the world size {world}")
-        grid = rank_grid(world, tp, pp)
-        groups = group_ranks(grid)
-        mine = {}
-        handles = {}
-        for kind, all_ranks in groups.items():
-            for ranks in all_ranks:
-                # new_group is collective over the whole world: create every group, in the same
-                # order on every rank, and keep the one this rank is in.
-                handle = (dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 and world > 1
-                          else None)
-                if rank in ranks:
-                    mine[kind], handles[kind] = ranks, handle
-        p, d, t = coordinates(grid, rank)
-        return cls(world_size=world, rank=rank, tp_size=tp, pp_size=pp, dp_size=grid.shape[1],
-                   tp_rank=t, pp_rank=p, dp_rank=d, tp_ranks=mine["tensor"],
-                   pp_ranks=mine["pipeline"], dp_ranks=mine["data"], mp_ranks=mine["model"],
-                   embedding_ranks=mine.get("embedding", []),  # middle stages: in none
-                   device=device or torch.device("cpu"),
-                   virtual_pp_size=virtual_pp_size, tp_group=handles["tensor"],
-                   pp_group=handles["pipeline"], dp_group=handles["data"],
-                   mp_group=handles["model"], embedding_group=handles.get("embedding"))
+        sizes = layout_sizes(world, tp=tp, pp=pp, cp=cp, dp=dp)
+        return cls._create(sizes, rank, _process_groups(world, timeout),
+                           device or torch.device("cpu"), virtual_pp_size)
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> "ParallelState":
         """One process, no process groups: the reference every parallel layout is compared with."""
-        return cls(world_size=1, rank=0, tp_size=1, pp_size=1, dp_size=1, tp_rank=0, pp_rank=0,
-                   dp_rank=0, tp_ranks=[0], pp_ranks=[0], dp_ranks=[0], mp_ranks=[0],
-                   embedding_ranks=[0], device=device or torch.device("cpu"))
+        return cls._create(layout_sizes(1), 0, _no_groups, device or torch.device("cpu"), 1)
 
     @classmethod
-    def for_planning(cls, tp: int, pp: int, dp: int, rank: int = 0) -> "ParallelState":
+    def for_planning(cls, tp: int, pp: int, dp: int, rank: int = 0, cp: int = 1,
+                     virtual_pp_size: int = 1) -> "ParallelState":
         """The coordinates of ``rank`` in a layout, with no groups: for meta-device planning."""
-        grid = rank_grid(tp * pp * dp, tp, pp)
-        groups = group_ranks(grid)
-        p, d, t = coordinates(grid, rank)
-        # Middle pipeline stages are in no embedding group.
-        find = {kind: next((r for r in rs if rank in r), []) for kind, rs in groups.items()}
-        return cls(world_size=tp * pp * dp, rank=rank, tp_size=tp, pp_size=pp, dp_size=dp,
-                   tp_rank=t, pp_rank=p, dp_rank=d, tp_ranks=find["tensor"],
-                   pp_ranks=find["pipeline"], dp_ranks=find["data"], mp_ranks=find["model"],
-                   embedding_ranks=find["embedding"], device=torch.device("meta"))
+        sizes = layout_sizes(tp * pp * dp * cp, tp=tp, pp=pp, cp=cp, dp=dp)
+        return cls._create(sizes, rank, _no_groups, torch.device("meta"), virtual_pp_size)
+
+    tp = property(lambda self: self.axes["tp"])
+    cp = property(lambda self: self.axes["cp"])
+    dp = property(lambda self: self.axes["dp"])
+    pp = property(lambda self: self.axes["pp"])
+    dp_cp = property(lambda self: self.axes["dp_cp"])
+    tp_cp = property(lambda self: self.axes["tp_cp"])
+    model = property(lambda self: self.axes["model"])
+    embedding = property(lambda self: self.axes["embedding"])
+
+    # Old field names, kept while callers move to the axes.
+    tp_size, tp_rank, tp_ranks, tp_group = (_alias("tp", a) for a in ("size", "rank", "ranks", "group"))
+    pp_size, pp_rank, pp_ranks, pp_group = (_alias("pp", a) for a in ("size", "rank", "ranks", "group"))
+    dp_size, dp_rank, dp_ranks, dp_group = (_alias("dp", a) for a in ("size", "rank", "ranks", "group"))
+    mp_ranks, mp_group = _alias("model", "ranks"), _alias("model", "group")
+    embedding_ranks, embedding_group = _alias("embedding", "ranks"), _alias("embedding", "group")
 
     @property
     def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
+        return self.pp.rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+        return self.pp.rank == self.pp.size - 1
 
     @property
     def next_stage_rank(self) -> int:
-        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+        return self.pp.ranks[(self.pp.rank + 1) % self.pp.size]
 
     @property
     def prev_stage_rank(self) -> int:
-        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+        return self.pp.ranks[(self.pp.rank - 1) % self.pp.size]

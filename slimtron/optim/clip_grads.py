@@ -11,8 +11,6 @@ Every element of the full model's gradient is counted exactly once over the worl
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from slimtron.parallel import comm
@@ -25,31 +23,35 @@ def counts_in_norm(param: torch.Tensor, pstate) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False)) or pstate.tp_rank == 0
 
 
-def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = False) -> float:
-    """L2 norm of the whole model's gradient; ``grads[i]`` is the (local part of) ``params[i]``'s
-    gradient. Collective over the model-parallel group (and the DP group with ``sum_over_dp``)."""
+def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = False) -> torch.Tensor:
+    """L2 norm of the whole model's gradient as a 0-dim fp32 tensor on the gradients' device (no
+    host sync); ``grads[i]`` is the (local part of) ``params[i]``'s gradient. Collective over the
+    model-parallel group (and the DP group with ``sum_over_dp``)."""
     counted = [g for p, g in zip(params, grads) if counts_in_norm(p, pstate)]
     device = grads[0].device if grads else pstate.device
     squared = torch.zeros(1, dtype=torch.float32, device=device)
     if counted:
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted])
-        squared += norms.pow(2).sum()
+        # One foreach launch for every tensor's norm, whatever their number.
+        squared += torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
     comm.all_reduce(squared, pstate.mp_group)
     if sum_over_dp:
         comm.all_reduce(squared, pstate.dp_group)
-    return math.sqrt(squared.item())
+    return squared.sqrt().reshape(())
 
 
-def clip_grads_by_norm(grads: list, max_norm: float, total_norm: float) -> None:
-    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below one."""
-    coefficient = max_norm / (total_norm + 1.0e-6)
-    if coefficient < 1.0 and grads:
-        torch._foreach_mul_(grads, coefficient)
+def clip_grads_by_norm(grads: list, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below one
+    (computed on the device: multiplying by exactly 1.0 leaves them unchanged otherwise)."""
+    if not grads:
+        return
+    coefficient = (max_norm / (total_norm + 1.0e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coefficient)
 
 
 def clip_grad_norm(params: list, grads: list, max_norm: float, pstate,
-                   sum_over_dp: bool = False) -> float:
-    """Clip ``grads`` to a global L2 norm of ``max_norm``; returns the norm before clipping."""
+                   sum_over_dp: bool = False) -> torch.Tensor:
+    """Clip ``grads`` to a global L2 norm of ``max_norm``; returns the norm before clipping (a
+    0-dim device tensor: reading it is the caller's sync)."""
     total_norm = global_grad_norm(params, grads, pstate, sum_over_dp)
     clip_grads_by_norm(grads, max_norm, total_norm)
     return total_norm

@@ -2,16 +2,20 @@
 
 One optimizer step (``step()``), after ``DataParallelGrads.finish_grad_sync()``:
 1. the fp32 gradients in the grad buffer become the main parameters' ``.grad`` (no copy);
-2. with a loss scaler they are divided by the loss scale; inf/nan in any gradient on any rank
-   (agreed by an all-reduce MAX over the world) skips the step on every rank, counts it, and
-   lets the loss scaler back off;
-3. gradients are clipped to a global L2 norm (``clip_grads.py``);
+2. fp16 (loss scaler) and fp32: the gradients are divided by the loss scale and checked for
+   inf/nan in one foreach kernel; inf/nan in any gradient on any rank (agreed by an all-reduce MAX
+   over the world) skips the step on every rank, counts it, and lets the loss scaler back off.
+   This is the step's only device->host sync. bf16 has no loss scaler and, as in Megatron, no
+   check (its exponent range does not overflow where fp16's does);
+3. gradients are clipped to a global L2 norm (``clip_grads.py``), on the device;
 4. AdamW (``torch.optim.AdamW``, fused or foreach) updates the main parameters with the learning
    rate of the schedule, decaying only parameters with ``ndim >= 2``;
-5. updated main parameters are copied into the (bf16/fp16) model parameters. fp32 model parameters
-   are their own main parameters.
+5. updated main parameters are copied into the (bf16/fp16) model parameters (one foreach copy).
+   fp32 model parameters are their own main parameters.
 
-``step()`` returns ``(update_successful, grad_norm or None, None)``.
+Every part is a fixed number of foreach/fused ops whatever the number of parameter tensors.
+``step()`` returns ``(update_successful, grad_norm or None, None)``; ``grad_norm`` is a 0-dim
+device tensor, read (synced) only where it is logged.
 
 Parameter state for checkpoint resharding
 -----------------------------------------
@@ -56,6 +60,9 @@ class ParamShard:
     def model_part(self) -> torch.Tensor:
         """The model parameter's elements this shard covers (a flat view)."""
         return self.model_param.detach().view(-1)[self.start:self.end]
+
+    def main_part(self) -> torch.Tensor:
+        return self.main_param.detach().view(-1)
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -103,6 +110,11 @@ class MixedPrecisionOptimizer:
                                [s.main_param for s in self.shards if s.model_param.ndim < 2],
                                config)
         self._lr = scheduler.get_lr()
+        # Flat views built once, so that the copies between main and model parameters are one
+        # foreach op each (the model parameters' storage never moves after the grad buffers).
+        copied = [s for s in self.shards if s.copy_back]
+        self._model_parts = [s.model_part() for s in copied]
+        self._main_parts = [s.main_part() for s in copied]
 
     def _build_shards(self) -> list:
         shards = []
@@ -156,22 +168,28 @@ class MixedPrecisionOptimizer:
     def _main_grads(self) -> list:
         return [shard.main_param.grad for shard in self.shards]
 
+    def _checks_nonfinite(self) -> bool:
+        """fp16 (loss scaler) and fp32 check gradients; bf16 does not, as in Megatron."""
+        return self.loss_scaler is not None or self.grads.params[0].dtype == torch.float32
+
     def _unscale_and_find_nonfinite(self) -> bool:
+        if not self._checks_nonfinite():
+            return False
         grads = self._main_grads()
-        if self.loss_scaler is not None and self.loss_scaler.scale != 1.0 and grads:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
-        local = (not torch.stack([torch.isfinite(g).all() for g in grads]).all().item()
-                 if grads else False)
-        flag = torch.tensor([float(local)], device=self._device())
+        device = self._device()
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        if grads:
+            inverse = torch.full((), 1.0 / self.loss_scale, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inverse)
         # The whole world decides together so that every rank skips the same steps.
         if self.pstate.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item() > 0)
 
     def _device(self) -> torch.device:
         return self.grads.params[0].device
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         return clip_grad_norm([s.model_param for s in self.shards], self._main_grads(),
                               self.config.clip_grad, self.pstate, self.sum_norm_over_dp)
 
@@ -187,18 +205,16 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def _copy_main_to_model(self) -> None:
-        for shard in self.shards:
-            if shard.copy_back:
-                shard.model_part().copy_(shard.main_param.view(-1))
+        if self._model_parts:
+            torch._foreach_copy_(self._model_parts, self._main_parts)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh the fp32 main copies from the model parameters (after loading weights into the
         model without optimizer state)."""
-        for shard in self.shards:
-            if shard.copy_back:
-                shard.main_param.view(-1).copy_(shard.model_part())
+        if self._main_parts:
+            torch._foreach_copy_(self._main_parts, self._model_parts)
 
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "num_skipped": self.num_skipped,

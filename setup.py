@@ -22,7 +22,9 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned here; install steps put a build of torch in place first
     # (see README) so that pip never pulls a CUDA wheel on a CPU machine.
-    install_requires=["torch>=2.4", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors"],
+    # torch 2.7 is the first release whose torch.autograd.backward accepts a GradientEdge (pytorch
+    # PR 144744, merged January 2025 after the 2.6 branch cut); the pipeline's backward passes one.
+    install_requires=["torch>=2.7", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors"],
     extras_require={
         "test": ["pytest", "transformers", "megatron-core", "zstandard", "tensorboard"],
         "data": ["zstandard"],

@@ -21,10 +21,10 @@ from slimtron.arguments import validate
 from slimtron.config import Config, ConfigError
 from slimtron.flops import device_peak, flops_per_token, mfu
 from slimtron.model import build_model_chunks
-from slimtron.model.gpt import allreduce_embedding_grads, allreduce_sequence_parallel_grads
 from slimtron.model.transformer import Recompute
 from slimtron.optim import build_optimizer
 from slimtron.parallel.data_parallel import DataParallelGrads
+from slimtron.parallel.finalize_grads import finalize_model_grads
 from slimtron.parallel.pipeline import forward_backward
 from slimtron.parallel.random import seed_default_generators
 from slimtron.parallel.state import ParallelState, init_distributed
@@ -203,16 +203,8 @@ def run_batch(engine: Engine, microbatches: list, forward_only: bool) -> Optiona
 
 
 def finalize_grads(engine: Engine):
-    """Average over data parallel, then sum the partial grads of replicated parameters.
-
-    Under the distributed optimizer only this rank's range of each bucket is valid after the
-    reduce-scatter; the TP all-reduce still sums the right elements because TP ranks lay out their
-    buffers identically, and tied embeddings sit in a bucket of their own so that first and last
-    stage own the same range of them.
-    """
-    engine.grads.finish_grad_sync()
-    allreduce_sequence_parallel_grads(engine.model_chunks, engine.pstate)
-    allreduce_embedding_grads(engine.model_chunks, engine.pstate)
+    finalize_model_grads(engine.model_chunks, engine.grads, tp_group=engine.pstate.tp.group,
+                         embedding_group=engine.pstate.embedding.group)
 
 
 def train_step(engine: Engine, microbatches: list):

@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from slimtron.config import ConfigError, ModelConfig, model_preset
-from slimtron.model import (GPTModel, Recompute, allreduce_embedding_grads, build_model_chunks,
-                            chunk_layer_numbers)
+from slimtron.model import GPTModel, Recompute, build_model_chunks, chunk_layer_numbers
+from slimtron.parallel.finalize_grads import allreduce_embedding_grads
 from slimtron.parallel.random import seed_default_generators
 from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
@@ -231,7 +231,7 @@ def _pipeline_worker(rank, world):
         model(hidden_states=x, labels=labels).mean().backward()
         dist.send(x.grad, pstate.prev_stage_rank)
     before = model.embedding.word_embeddings.weight.grad.clone()
-    allreduce_embedding_grads([model], pstate)
+    allreduce_embedding_grads([model], pstate.embedding_group)
     return {"embedding_before": before,
             "grads": {p.global_name: p.grad for p in model.parameters()}}
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtron.model import GPTModel, allreduce_sequence_parallel_grads
+from slimtron.model import GPTModel
+from slimtron.parallel.finalize_grads import allreduce_sequence_parallel_grads
 from slimtron.model.transformer import hidden_dropout
 from slimtron.parallel import comm
 from slimtron.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -125,7 +126,7 @@ def _train_step(cfg, pstate, sequence_parallel):
     logits = model(tokens).detach()
     loss = model(tokens, labels=labels)
     (loss * weights).sum().backward()
-    allreduce_sequence_parallel_grads(model, pstate)
+    allreduce_sequence_parallel_grads(model, pstate.tp_group)
     return {"logits": logits, "loss": loss.detach(),
             "grads": {p.global_name: p.grad for p in model.parameters()}}
 

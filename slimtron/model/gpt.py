@@ -7,7 +7,7 @@ and loss, and ``layer_numbers`` are the global indices of its layers (state_dict
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from slimtron.model.init import initialize_parameters
 from slimtron.model.transformer import (RecomputeArg, RotaryEmbedding, TransformerBlock,
                                         as_recompute, hidden_dropout)
 from slimtron.parallel import comm
+from slimtron.parallel.context_parallel import local_positions
 from slimtron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from slimtron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, set_parallel_attributes
 from slimtron.parallel.random import RNGStatesTracker
@@ -111,6 +112,7 @@ class GPTModel(nn.Module):
         self.layer_numbers = layer_numbers
         self.sequence_parallel = sequence_parallel
         self.tp_group, self.tp_size = pstate.tp_group, pstate.tp_size
+        self.cp = pstate.cp
         self.rng_tracker = rng_tracker or RNGStatesTracker.for_rank(seed, pstate, device)
         common = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
@@ -175,9 +177,12 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence length {seq_len} is not divisible by the "
                              f"tensor-model-parallel size {self.tp_size} (sequence parallelism)")
 
-    @staticmethod
-    def _default_positions(batch: int, seq_len: int, device) -> torch.Tensor:
-        return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, seq_len)
+    def _default_positions(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        """Positions of a local sequence of ``seq_len`` tokens: under context parallelism,
+        those of this rank's two chunks of the whole sequence."""
+        cp = self.cp
+        positions = torch.arange(seq_len, device=device)
+        return positions.unsqueeze(0).expand(batch, seq_len)
 
     def _rotary(self, x: torch.Tensor, position_ids: Optional[torch.Tensor]):
         if self.rotary is None:
@@ -210,38 +215,3 @@ def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
             sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
             seed=seed, recompute=recompute, rng_tracker=tracker))
     return chunks
-
-
-# ---- gradient reductions the training step calls --------------------------------------------
-
-def _as_list(model_or_chunks: Union[nn.Module, Iterable[nn.Module]]) -> list[nn.Module]:
-    return [model_or_chunks] if isinstance(model_or_chunks, nn.Module) else list(model_or_chunks)
-
-
-def _grad_of(param: nn.Parameter) -> Optional[torch.Tensor]:
-    """The gradient the optimizer reads: ``main_grad`` (data-parallel buffers) if present."""
-    main = getattr(param, "main_grad", None)
-    return main if main is not None else param.grad
-
-
-def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
-    if not grads or comm.group_size(group) == 1:
-        return
-    flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), group)
-    for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(reduced.view_as(grad))
-
-
-def allreduce_sequence_parallel_grads(model, pstate) -> None:
-    """Sum over TP the grads of replicated parameters that only saw a slice of the sequence
-    (norm weights/biases, row-parallel biases) under sequence parallelism."""
-    grads = [_grad_of(p) for m in _as_list(model) for p in m.parameters()
-             if getattr(p, "sequence_parallel", False) and _grad_of(p) is not None]
-    _all_reduce_coalesced(grads, pstate.tp_group)
-
-
-def allreduce_embedding_grads(model_chunks, pstate) -> None:
-    """Sum the tied word-embedding grad of the first and last pipeline stage over embedding_group."""
-    grads = [_grad_of(p) for m in _as_list(model_chunks) for p in m.parameters()
-             if getattr(p, "shared_embedding", False) and _grad_of(p) is not None]
-    _all_reduce_coalesced(grads, pstate.embedding_group)

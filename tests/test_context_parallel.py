@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from slimtron.model import kernels
+from slimtron.config import ModelConfig
+from slimtron.model import GPTModel, kernels
 from slimtron.parallel import context_parallel as cpar
+from slimtron.parallel.state import ParallelState
 from tests.distributed import run_distributed
 
 
@@ -96,7 +98,39 @@ def _ring_worker(rank, world):
                            group=pairs[rank // 2])
     _check_ring(whole, "cp=4")
     _check_ring(pair, "cp=2")
+    _check_model(ParallelState.build(cp=world))
     return True
+
+
+def _model_loss_and_grads(pstate, tokens, labels, weight):
+    """Per-token loss of a tiny GQA Llama (RoPE from the model's default positions) on this cp
+    rank's tokens, and its parameter grads summed over cp (the dp x cp reduction's sum)."""
+    config = ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6,
+                         num_query_groups=2, seq_length=SEQ, vocab_size=100, normalization="RMSNorm",
+                         position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+                         untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    model = GPTModel(config, pstate)
+    shard = lambda t: cpar.shard_sequence(t, 1, pstate.cp.size, pstate.cp.rank)  # noqa: E731
+    loss = model(tokens=shard(tokens), labels=shard(labels))
+    (loss * shard(weight)).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for grad in grads.values():
+        if pstate.cp.group is not None:
+            dist.all_reduce(grad, group=pstate.cp.group)
+    return loss.detach(), grads
+
+
+def _check_model(pstate):
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 100, (2, 2, SEQ), generator=g)
+    weight = torch.rand(2, SEQ, generator=g)
+    ref_loss, ref_grads = _model_loss_and_grads(ParallelState.single(), tokens, labels, weight)
+    loss, grads = _model_loss_and_grads(pstate, tokens, labels, weight)
+    shard = cpar.shard_sequence(ref_loss, 1, pstate.cp.size, pstate.cp.rank)
+    torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg="model loss")
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_ring_attention_matches_full_attention_cp1():

@@ -181,7 +181,7 @@ class GPTModel(nn.Module):
         """Positions of a local sequence of ``seq_len`` tokens: under context parallelism,
         those of this rank's two chunks of the whole sequence."""
         cp = self.cp
-        positions = torch.arange(seq_len, device=device)
+        positions = local_positions(seq_len * cp.size, cp.size, cp.rank, device)
         return positions.unsqueeze(0).expand(batch, seq_len)
 
     def _rotary(self, x: torch.Tensor, position_ids: Optional[torch.Tensor]):

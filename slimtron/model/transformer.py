@@ -16,6 +16,7 @@ from torch import nn
 
 from slimtron.config import ConfigError, ModelConfig
 from slimtron.model import kernels
+from slimtron.parallel.context_parallel import ring_attention
 from slimtron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
                                       empty_parameter, set_parallel_attributes)
 from slimtron.parallel.random import RNGStatesTracker, checkpoint_with_rng
@@ -130,6 +131,7 @@ class SelfAttention(nn.Module):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
+        self.cp = pstate.cp  # context parallel: ring attention over the sequence's chunks
         self.rng_tracker = rng_tracker
         self.selective_recompute = selective_recompute
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
@@ -158,6 +160,8 @@ class SelfAttention(nn.Module):
         return self.linear_proj(core)
 
     def _core_attention(self, q, k, v):
+        if self.cp.size > 1:  # config refuses attention dropout with context parallelism
+            return ring_attention(q, k, v, self.cp)
         p = self.dropout if self.training else 0.0
         if p == 0.0:
             return kernels.causal_attention(q, k, v)

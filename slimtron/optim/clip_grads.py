@@ -34,8 +34,8 @@ def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = Fals
         # One foreach launch for every tensor's norm, whatever their number.
         squared += torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
     comm.all_reduce(squared, pstate.mp_group)
-    if sum_over_dp:
-        comm.all_reduce(squared, pstate.dp_group)
+    if sum_over_dp:  # the distributed optimizer's shards span data x context parallel
+        comm.all_reduce(squared, pstate.dp_cp.group)
     return squared.sqrt().reshape(())
 
 

@@ -180,9 +180,10 @@ class DataParallelGrads:
             raise ConfigError(f"--ddp-bucket-size must be positive, got {bucket_size}")
         if isinstance(model_chunks, torch.nn.Module):
             model_chunks = [model_chunks]
-        self.dp_group = pstate.dp_group
-        self.dp_size = pstate.dp_size
-        self.dp_rank = pstate.dp_rank
+        # Context-parallel ranks are replicas too, each with the grads of its part of the
+        # sequence: grads are averaged, and the distributed optimizer sharded, over dp x cp.
+        axis = pstate.dp_cp
+        self.dp_group, self.dp_size, self.dp_rank = axis.group, axis.size, axis.rank
         self.overlap_grad_reduce = overlap_grad_reduce
         self.use_distributed_optimizer = use_distributed_optimizer
         self._sync_enabled = True

@@ -17,7 +17,8 @@ import warnings
 from typing import Optional, Sequence
 
 from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, TrainingConfig, model_preset)
+                             OptimizerConfig, ParallelConfig, TrainingConfig, check_post_training,
+                             model_preset)
 
 # (flag, dest field, argparse options). The dest is the flag's name unless given.
 _MODEL_FLAGS = [
@@ -93,6 +94,9 @@ _DATA_FLAGS = [
     ("--reset-attention-mask", None, dict(action="store_true")),
     ("--eod-mask-loss", None, dict(action="store_true")),
     ("--mock-data", None, dict(action="store_true", help="synthetic tokens, no --data-path")),
+    ("--sft", None, dict(action="store_true", help="--data-path names .jsonl conversations or "
+                                                   "prompt/response pairs: loss on answers only, "
+                                                   "packed with per-conversation attention")),
 ]
 
 _TRAINING_FLAGS = [
@@ -115,6 +119,11 @@ _TRAINING_FLAGS = [
     ("--recompute-method", None, dict(choices=["uniform", "block"])),
     ("--recompute-num-layers", None, dict(type=int)),
     ("--eval-only", None, dict(action="store_true")),
+    ("--kd-teacher-load", None, dict(type=str, help="distil from this checkpoint's logits")),
+    ("--kd-temperature", None, dict(type=float, help="softmax temperature of the KD loss; "
+                                                    "default 1.0")),
+    ("--kd-alpha", None, dict(type=float, help="loss = alpha * T^2 KL + (1 - alpha) * LM loss; "
+                                              "default 1.0")),
 ]
 
 # Config section -> (its dataclass, its flags).
@@ -263,6 +272,7 @@ def validate(config: Config, world_size: int, *, check_files: bool = True) -> Co
     _check_recompute(config.training, config.model, config.parallel)
     _resolve_warmup(config.optim, config.training)
     _check_lengths(config.model)
+    check_post_training(config.data, config.training)
     if check_files:
         _check_files(config.data, config.training)
     return config
@@ -411,9 +421,11 @@ def _check_files(data: DataConfig, training: TrainingConfig) -> None:
         raise ConfigError("no --data-path given (use --mock-data for synthetic tokens)")
     prefixes, _ = parse_blend(data.data_path) if data.data_path else ([], None)
     for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
+        for suffix in ((".bin", ".idx") if not data.sft else ("",)):
             if not os.path.isfile(prefix + suffix):
                 raise ConfigError(f"--data-path: {prefix + suffix} does not exist")
+    if training.kd_teacher_load and not os.path.isdir(training.kd_teacher_load):
+        raise ConfigError(f"--kd-teacher-load: directory {training.kd_teacher_load} does not exist")
     # A HuggingFace tokenizer may be a hub name; every other kind is a local file.
     if data.tokenizer_model and data.tokenizer_type != "HuggingFaceTokenizer":
         if not os.path.exists(data.tokenizer_model):

@@ -143,6 +143,7 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     mock_data: bool = False  # synthetic tokens instead of --data-path
+    sft: bool = False  # --data-path names .jsonl conversations (slimtron.data.sft_dataset)
 
 
 @dataclass
@@ -166,6 +167,9 @@ class TrainingConfig:
     recompute_method: Optional[str] = None  # "uniform" | "block"
     recompute_num_layers: Optional[int] = None
     eval_only: bool = False
+    kd_teacher_load: Optional[str] = None  # distil from this checkpoint (post_training.distillation)
+    kd_temperature: Optional[float] = None  # default 1.0 with a teacher
+    kd_alpha: Optional[float] = None  # weight of the KD term against the LM loss; default 1.0
 
 
 @dataclass
@@ -184,6 +188,31 @@ class Config:
         return cls(model=ModelConfig(**d["model"]), parallel=ParallelConfig(**d["parallel"]),
                    optim=OptimizerConfig(**d["optim"]), data=DataConfig(**d["data"]),
                    training=TrainingConfig(**d["training"]))
+
+
+def check_post_training(data: DataConfig, training: TrainingConfig) -> None:
+    """--sft and the distillation flags: settings that cannot work together, and the defaults
+    of the distillation knobs (set only with a teacher: a knob without one is an error)."""
+    if data.sft and data.mock_data:
+        raise ConfigError("--sft reads .jsonl conversations from --data-path; it cannot use "
+                          "--mock-data")
+    if data.sft and not (data.tokenizer_type and data.tokenizer_model):
+        raise ConfigError("--sft tokenizes its .jsonl at start-up: pass --tokenizer-type and "
+                          "--tokenizer-model")
+    if training.kd_teacher_load is None:
+        for flag, value in (("--kd-temperature", training.kd_temperature),
+                            ("--kd-alpha", training.kd_alpha)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --kd-teacher-load")
+        return
+    if training.kd_temperature is None:
+        training.kd_temperature = 1.0
+    if training.kd_alpha is None:
+        training.kd_alpha = 1.0
+    if not training.kd_temperature > 0:
+        raise ConfigError(f"--kd-temperature must be positive, got {training.kd_temperature}")
+    if not 0.0 <= training.kd_alpha <= 1.0:
+        raise ConfigError(f"--kd-alpha must be in [0, 1], got {training.kd_alpha}")
 
 
 def _llama(num_layers, hidden, ffn, heads, groups=None, seq=4096, vocab=32000) -> ModelConfig:

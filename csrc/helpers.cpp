@@ -23,7 +23,8 @@ using Int64Array = py::array_t<int64_t, py::array::c_style>;
 using DoubleArray = py::array_t<double, py::array::c_style>;
 
 // Checks every document id and that the documents hold exactly num_epochs * tokens_per_epoch tokens.
-void check_document_index(const int32_t* sizes, int64_t num_sizes, const int64_t* doc_idx, int64_t num_docs,
+template <typename DocT>
+void check_document_index(const int32_t* sizes, int64_t num_sizes, const DocT* doc_idx, int64_t num_docs,
                           int64_t expected_tokens) {
     int64_t total = 0;
     for (int64_t i = 0; i < num_docs; ++i) {
@@ -45,8 +46,9 @@ void check_document_index(const int32_t* sizes, int64_t num_sizes, const int64_t
 // doc_idx order (seq_length + 1 tokens: inputs plus the shifted label), so consecutive samples
 // share one token. Row j holds where token j * seq_length lives: (position in doc_idx, offset in
 // that document). Row num_samples therefore marks the last token of the last sample.
-void fill_sample_idx(const int32_t* sizes, const int64_t* doc_idx, int64_t seq_length, int64_t num_samples,
-                     int64_t* out) {
+template <typename DocT, typename OutT>
+void fill_sample_idx(const int32_t* sizes, const DocT* doc_idx, int64_t seq_length, int64_t num_samples,
+                     OutT* out) {
     int64_t position = 0;
     int64_t offset = 0;
     out[0] = position;
@@ -70,13 +72,15 @@ void fill_sample_idx(const int32_t* sizes, const int64_t* doc_idx, int64_t seq_l
             ++position;
             offset = 0;
         }
-        out[2 * sample] = position;
-        out[2 * sample + 1] = offset;
+        out[2 * sample] = static_cast<OutT>(position);
+        out[2 * sample + 1] = static_cast<OutT>(offset);
     }
 }
 
-Int64Array build_sample_idx(const Int32Array& sizes, const Int64Array& doc_idx, int64_t seq_length,
-                            int64_t num_epochs, int64_t tokens_per_epoch) {
+// OutT holds positions in doc_idx (< num_docs) and offsets in a document (< 2^31: sizes are int32).
+template <typename DocT, typename OutT>
+py::array_t<OutT> build_sample_idx(const Int32Array& sizes, const py::array_t<DocT, py::array::c_style>& doc_idx,
+                                   int64_t seq_length, int64_t num_epochs, int64_t tokens_per_epoch) {
     if (sizes.ndim() != 1 || doc_idx.ndim() != 1)
         throw std::invalid_argument("build_sample_idx: sizes and doc_idx must be 1-D");
     if (seq_length < 1 || num_epochs < 1 || tokens_per_epoch < 1)
@@ -85,12 +89,15 @@ Int64Array build_sample_idx(const Int32Array& sizes, const Int64Array& doc_idx, 
                                     std::to_string(num_epochs) + ", " + std::to_string(tokens_per_epoch));
     const int64_t total_tokens = num_epochs * tokens_per_epoch;
     const int64_t num_samples = (total_tokens - 1) / seq_length;
-    Int64Array result({num_samples + 1, int64_t{2}});
-    const int32_t* sizes_ptr = sizes.data();
-    const int64_t* doc_ptr = doc_idx.data();
-    int64_t* out = result.mutable_data();
     const int64_t num_sizes = sizes.shape(0);
     const int64_t num_docs = doc_idx.shape(0);
+    if (num_docs > static_cast<int64_t>(std::numeric_limits<OutT>::max()))
+        throw std::invalid_argument("build_sample_idx: " + std::to_string(num_docs) +
+                                    " document positions do not fit the sample index's integer type");
+    py::array_t<OutT> result({num_samples + 1, int64_t{2}});
+    const int32_t* sizes_ptr = sizes.data();
+    const DocT* doc_ptr = doc_idx.data();
+    OutT* out = result.mutable_data();
     {
         py::gil_scoped_release release;
         check_document_index(sizes_ptr, num_sizes, doc_ptr, num_docs, total_tokens);
@@ -153,10 +160,18 @@ std::pair<py::array_t<int16_t>, Int64Array> build_blending_indices(const DoubleA
 }  // namespace
 
 void register_helpers(py::module_& m) {
-    m.def("build_sample_idx", &build_sample_idx, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
-          py::arg("num_epochs"), py::arg("tokens_per_epoch"),
-          "GPT sample index: int64 [num_samples + 1, 2] of (position in doc_idx, offset), each sample "
-          "spanning seq_length + 1 tokens; num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length.");
+    // doc_idx may be int32 or int64; each name returns its integer type (Megatron's pair of names).
+    const char* doc = "GPT sample index: [num_samples + 1, 2] of (position in doc_idx, offset), each sample "
+                      "spanning seq_length + 1 tokens; num_samples = (num_epochs * tokens_per_epoch - 1) // "
+                      "seq_length.";
+    m.def("build_sample_idx", &build_sample_idx<int32_t, int64_t>, py::arg("sizes"), py::arg("doc_idx"),
+          py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"), doc);
+    m.def("build_sample_idx", &build_sample_idx<int64_t, int64_t>, py::arg("sizes"), py::arg("doc_idx"),
+          py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"), doc);
+    m.def("build_sample_idx_int32", &build_sample_idx<int32_t, int32_t>, py::arg("sizes"), py::arg("doc_idx"),
+          py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"), doc);
+    m.def("build_sample_idx_int32", &build_sample_idx<int64_t, int32_t>, py::arg("sizes"), py::arg("doc_idx"),
+          py::arg("seq_length"), py::arg("num_epochs"), py::arg("tokens_per_epoch"), doc);
     m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
           "Greedy blending: (dataset_index int16 [size], dataset_sample_index int64 [size]).");
 }

@@ -328,3 +328,22 @@ def test_same_samples_as_megatron_core(corpora, tmp_path):
                 a, b = their_split[i], our_split[i]
                 for key in ("tokens", "labels", "loss_mask", "position_ids"):
                     assert torch.equal(a[key], b[key]), (blend, i, key)
+
+
+def test_indices_are_int32_where_they_fit_with_the_same_values_as_int64():
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 30, size=50).astype(np.int32)
+    indices = gpt_dataset.build_gpt_indices(sizes, np.arange(50, dtype=np.int64), 200, 8, seed=3)
+    assert {name: a.dtype for name, a in indices.items()} == {
+        "document_index": np.int32, "sample_index": np.int32, "shuffle_index": np.int32}
+    doc_idx = indices["document_index"]
+    wide = _C.build_sample_idx(sizes, doc_idx.astype(np.int64), 8, len(doc_idx) // 50,
+                               int(sizes.sum()))
+    np.testing.assert_array_equal(indices["sample_index"], wide)
+    # Shuffling draws the same permutation whatever the integer type.
+    for dtype in (np.int32, np.int64):
+        again = gpt_dataset.build_gpt_indices(sizes, np.arange(50, dtype=dtype), 200, 8, seed=3)
+        for name, array in indices.items():
+            np.testing.assert_array_equal(again[name], array)
+    assert gpt_dataset.index_dtype(2 ** 31 - 1) == np.int32
+    assert gpt_dataset.index_dtype(2 ** 31) == np.int64

@@ -13,6 +13,9 @@ A split ("969,30,1") gives each of train/valid/test a contiguous range of docume
 Sample ``i`` therefore depends only on the corpus and the constructor's arguments, never on the
 machine or the data-parallel layout, so training resumes exactly from a consumed-samples count.
 Indices are cached as ``.npy`` files keyed by a hash of all they depend on (see ``load_or_build``).
+Each index is int32 when its values fit (as Megatron's), else int64: half the bytes on disk and in
+memory for any corpus below 2^31 documents and samples. Shuffling draws the same permutation
+whatever the integer type, so the samples do not depend on it.
 """
 from __future__ import annotations
 
@@ -39,7 +42,13 @@ SPLIT_NAMES = ("train", "valid", "test")
 # Megatron's rule: when the last epoch would use less than this fraction of its samples, it is
 # shuffled on its own so that it does not displace samples of the complete epochs.
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.80
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: int32 indices where the values fit
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def index_dtype(largest_value: int) -> np.dtype:
+    """The narrowest of int32 and int64 that holds 0..largest_value."""
+    return np.dtype(np.int32) if largest_value <= INT32_MAX else np.dtype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------- splits
@@ -203,29 +212,37 @@ def build_gpt_indices(sizes: np.ndarray, sequences: np.ndarray, num_samples: Opt
     separate_last = (num_epochs > 1 and num_samples - samples_before_last
                      < int(SEPARATE_LAST_EPOCH_THRESHOLD * samples_per_epoch))
     rng = np.random.RandomState(seed)
+    doc_dtype = index_dtype(len(sizes) - 1)
     if separate_last:
-        doc_idx = np.concatenate([_shuffled_epochs(sequences, num_epochs - 1, rng),
-                                  _shuffled_epochs(sequences, 1, rng)])
+        doc_idx = np.concatenate([_shuffled_epochs(sequences, num_epochs - 1, rng, doc_dtype),
+                                  _shuffled_epochs(sequences, 1, rng, doc_dtype)])
     else:
-        doc_idx = _shuffled_epochs(sequences, num_epochs, rng)
-    sample_idx = _C.build_sample_idx(np.ascontiguousarray(sizes, dtype=np.int32), doc_idx, seq_length,
-                                     num_epochs, tokens_per_epoch)
+        doc_idx = _shuffled_epochs(sequences, num_epochs, rng, doc_dtype)
+    # Rows hold positions in doc_idx and offsets inside a document (int32 sizes: always fit).
+    build_sample_idx = (_C.build_sample_idx_int32 if index_dtype(len(doc_idx)) == np.int32
+                        else _C.build_sample_idx)
+    sample_idx = build_sample_idx(np.ascontiguousarray(sizes, dtype=np.int32), doc_idx, seq_length,
+                                  num_epochs, tokens_per_epoch)
     total = sample_idx.shape[0] - 1
     first = samples_before_last if separate_last else total
-    shuffle_idx = np.concatenate([_shuffled_range(0, first, rng), _shuffled_range(first, total, rng)])
+    sample_dtype = index_dtype(total)
+    shuffle_idx = np.concatenate([_shuffled_range(0, first, rng, sample_dtype),
+                                  _shuffled_range(first, total, rng, sample_dtype)])
     return {"document_index": doc_idx, "sample_index": sample_idx, "shuffle_index": shuffle_idx}
 
 
-def _shuffled_epochs(sequences: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
-    doc_idx = np.tile(sequences.astype(np.int64), num_epochs)
+def _shuffled_epochs(sequences: np.ndarray, num_epochs: int, rng: np.random.RandomState,
+                     dtype: np.dtype) -> np.ndarray:
+    doc_idx = np.tile(sequences.astype(dtype), num_epochs)
     rng.shuffle(doc_idx)
     return doc_idx
 
 
-def _shuffled_range(start: int, stop: int, rng: np.random.RandomState) -> np.ndarray:
+def _shuffled_range(start: int, stop: int, rng: np.random.RandomState,
+                    dtype: np.dtype) -> np.ndarray:
     if start == stop:  # an empty range draws nothing from rng
-        return np.empty(0, dtype=np.int64)
-    permutation = np.arange(start, stop, dtype=np.int64)
+        return np.empty(0, dtype=dtype)
+    permutation = np.arange(start, stop, dtype=dtype)
     rng.shuffle(permutation)
     return permutation
 

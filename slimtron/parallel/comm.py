@@ -99,13 +99,20 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # The incoming gradient may be the same tensor autograd hands to another branch (a
+        # residual sum passes one tensor to both), so it is reduced in a copy.
         return all_reduce(grad.contiguous().clone(), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.contiguous().clone(), group)
+        if not x.is_contiguous() or x.grad_fn is None:  # a leaf (or a view of one) is not ours
+            return all_reduce(x.contiguous().clone(), group)
+        # An intermediate (a partial product) is reduced in place; marked dirty, so autograd
+        # refuses it should an earlier op have saved it for backward.
+        ctx.mark_dirty(x)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):

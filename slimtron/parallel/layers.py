@@ -79,6 +79,36 @@ class VocabParallelEmbedding(nn.Module):
         return comm.reduce_from_tp(out, self.tp_group)
 
 
+class _LinearWithTPInput(torch.autograd.Function):
+    """``F.linear`` entering a tensor-parallel region, as Megatron's linear with async grad
+    communication: the input gradient is all-reduced over TP (replicated input) or reduce-scattered
+    along the sequence (sequence parallelism). Under sequence parallelism the input arrives as the
+    local ``[s/tp, b, h]`` slice, is all-gathered for the product and only the slice is saved; backward
+    gathers it again for the weight gradient, so no full ``[s, b, h]`` copy outlives the forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, sequence_parallel):
+        ctx.group, ctx.sequence_parallel, ctx.has_bias = group, sequence_parallel, bias is not None
+        ctx.save_for_backward(x, weight)
+        full = comm.all_gather_dim0(x, group) if sequence_parallel else x
+        return F.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = comm.all_gather_dim0(x, ctx.group) if ctx.sequence_parallel else x
+        grad_input = grad.matmul(weight)  # a fresh tensor: reduced in place, no copy
+        if ctx.sequence_parallel:
+            grad_input = comm.reduce_scatter_dim0(grad_input, ctx.group)
+        else:
+            comm.all_reduce(grad_input, ctx.group)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = (grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
+                       if ctx.needs_input_grad[1] else None)
+        grad_bias = grad_2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A's output rows split over TP ranks: weight ``[out/tp, in]``.
 
@@ -123,11 +153,11 @@ class ColumnParallelLinear(nn.Module):
         if weight is None:
             raise ValueError("ColumnParallelLinear built with skip_weight_param_allocation needs "
                              "the weight passed to forward")
-        if self.sequence_parallel:
-            x = comm.gather_from_sequence_parallel(x, self.tp_group)
+        if comm.group_size(self.tp_group) > 1:
+            out = _LinearWithTPInput.apply(x, weight, self.bias, self.tp_group,
+                                           self.sequence_parallel)
         else:
-            x = comm.copy_to_tp(x, self.tp_group)
-        out = F.linear(x, weight, self.bias)
+            out = F.linear(x, weight, self.bias)
         if self.gather_output:
             out = comm.gather_from_tp(out, self.tp_group)
         return out

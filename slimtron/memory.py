@@ -1,0 +1,361 @@
+"""The one memory model: what a rank holds, per pipeline stage, in bytes.
+
+Used by the dry run (``slimtron.dry_run``), ``tools/model_summary.py`` and ``tools/plan_layout.py``;
+checked against real runs by tests/test_memory.py.
+
+Parameters, gradients and optimizer state are counted from the tensors a rank really builds (or,
+for planning, from the parameter counts of the model built on the meta device):
+16-bit training keeps 16-bit weights, fp32 gradient buffers and fp32 main weights plus Adam's two
+moments (2 + 4 + 12 bytes per parameter, 12/d with the distributed optimizer over d data-parallel
+ranks); fp32 training keeps 4 + 4 + 8 (8/d).
+
+Activations: ``layer_activation_bytes`` is the closed form of what autograd saves per transformer
+layer of *this* model (pre-norm, RMSNorm or LayerNorm, SwiGLU or GeLU, grouped-query attention,
+rotary embedding, SDPA with a flash or memory-efficient kernel, no dropout), derived op by op:
+
+    per layer, micro-batch b, sequence s, hidden h, ffn f, query heads a with head dim d
+    (q = a d), key/value groups g (k = v = g d), tensor-parallel size t, element size e (2 for
+    16-bit, 4 for fp32), u = s b / t under sequence parallelism and s b otherwise:
+
+    input norm       layer input x (u h e) + its 1/rms (fp32, 4 u)
+    QKV linear       norm output: u h e (SP: only the local slice, gathered again in backward;
+                     no SP: the replicated s b h)
+    rotary           q, k in fp32 before rotation: 4 s b (q + k) / t
+    attention core   rotated q, k and v, the output, logsumexp: s b (2q + 2k) e / t + 4 s b a / t
+    proj linear      the attention output is the saved SDPA output (nothing new)
+    residual         nothing
+    pre-MLP norm     its input (u h e) + 1/rms (4 u)
+    fc1 linear       norm output: u h e (as QKV)
+    SwiGLU           fc1's output (gate and up, 2 s b f e / t) and silu(gate) (s b f e / t)
+    fc2 linear       silu(gate) * up: s b f e / t
+
+A flash kernel keeps no s x s scores; the math kernel (``attention="math"``) keeps the softmax
+(s^2 a b e / t, plus its dropout mask when dropout is on). Selective recomputation keeps only the
+attention core's inputs (q, k, v, already counted by rotary when there is RoPE).
+Full recomputation keeps each layer's input (u h e), plus one layer's working set at a time.
+
+The paper's (Korthikanti et al. 2022) forms, for GPT with 4h MLP, dropout and s x s scores, in
+16-bit: sbh(34 + 5as/h) with no parallelism; sbh(10 + 24/t + 5as/(ht)) with TP; /t with TP+SP;
+34sbh/t with selective recompute; 2sbh with full recompute (``paper_layer_activation_bytes``).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+FP32 = 4
+
+
+# ---- measuring: saved-tensor accounting ------------------------------------------------------
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Saved:
+    """What autograd holds for one saved tensor; when the graph drops it, it leaves the count."""
+    __slots__ = ("tensor", "counter", "key", "__weakref__")
+
+    def __init__(self, tensor, counter, key):
+        self.tensor, self.counter, self.key = tensor, counter, key
+
+    def __del__(self):
+        self.counter._release(self.key)
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for backward while this is active, each storage once.
+
+    ``live`` is what is held now, ``peak`` the most held at once, ``total`` everything saved
+    (released or not). Storages of ``exclude`` (parameters) are not activations and not counted.
+    Works on the meta device (storages are told apart by their identity, not their address).
+    """
+
+    def __init__(self, exclude=()):
+        self._excluded = {_storage_key(t) for t in exclude}
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._storages: dict = {}
+        self.live = self.peak = self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        key = _storage_key(tensor)
+        if key in self._excluded:
+            return tensor
+        if key not in self._refs:
+            storage = tensor.untyped_storage()
+            self._refs[key], self._sizes[key] = 0, storage.nbytes()
+            self._storages[key] = storage  # keeps the key from being reused while counted
+            self.live += self._sizes[key]
+            self.total += self._sizes[key]
+            self.peak = max(self.peak, self.live)
+        self._refs[key] += 1
+        return _Saved(tensor, self, key)
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            self.live -= self._sizes.pop(key)
+            del self._refs[key], self._storages[key]
+
+
+# ---- the closed form: activations ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What decides the activation bytes of one micro-batch on one rank."""
+    seq_length: int
+    micro_batch_size: int
+    tp: int = 1
+    sequence_parallel: bool = False
+    recompute: Optional[str] = None  # None | "selective" | "full"
+    recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
+    recompute_num_layers: int = 1
+    element_size: int = 2  # 2 for bf16/fp16, 4 for fp32
+    training: bool = True  # dropout masks exist only in training
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_length * self.micro_batch_size
+
+    @property
+    def local_tokens(self) -> float:
+        """Tokens of the residual stream on this rank (a slice of the sequence under SP)."""
+        return self.tokens / self.tp if self.sequence_parallel else float(self.tokens)
+
+
+def _norm_bytes(model, spec: ActivationSpec) -> float:
+    """A norm saves its input and fp32 statistics: 1/rms (RMSNorm) or mean and 1/std."""
+    stats = 4 if model.normalization == "RMSNorm" else 8
+    return spec.local_tokens * (model.hidden_size * spec.element_size + stats)
+
+
+def attention_core_bytes(model, spec: ActivationSpec) -> float:
+    """Flash / memory-efficient SDPA: the fused QKV output (v is a view of it), the rotated q and k
+    (RoPE makes them new tensors), the output and the fp32 logsumexp per head and token; no s x s.
+    Without RoPE q is a view of the QKV output unless grouped-query attention makes it a copy."""
+    a, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
+    e, sb, t = spec.element_size, spec.tokens, spec.tp
+    qkv = sb * (a + 2 * g) * d * e / t
+    if model.position_embedding_type == "rope":
+        rotated = sb * (a + g) * d * e / t
+    else:
+        rotated = sb * a * d * e / t if g != a else 0.0
+    out = sb * a * d * e / t
+    logsumexp = 4.0 * sb * a / t if spec.recompute != "selective" else 0.0
+    return qkv + rotated + out + logsumexp
+
+
+def mlp_bytes(model, spec: ActivationSpec) -> float:
+    """SwiGLU: fc1's output (gate and up), silu(gate) and their product (fc2's input); GeLU: fc1's
+    output and the GeLU (fc2's input)."""
+    per_f = 4 if model.swiglu else 2
+    return per_f * spec.tokens * model.ffn_hidden_size * spec.element_size / spec.tp
+
+
+def layer_activation_bytes(model, spec: ActivationSpec) -> float:
+    """Bytes autograd keeps for one transformer layer and one micro-batch (no recomputation, or
+    selective); see the module docstring for the derivation."""
+    e, h = spec.element_size, model.hidden_size
+    norms = 2 * _norm_bytes(model, spec)
+    linear_inputs = 2 * spec.local_tokens * h * e  # QKV and fc1 (under SP: the local slice)
+    dropout_masks = 0.0
+    if spec.training and model.hidden_dropout > 0:
+        dropout_masks = 2 * spec.local_tokens * h  # one bool per element, after attention and MLP
+    return (norms + linear_inputs + attention_core_bytes(model, spec) + mlp_bytes(model, spec)
+            + dropout_masks)
+
+
+def checkpointed_layers(num_layers: int, spec: ActivationSpec) -> tuple[int, int]:
+    """Full recomputation of a chunk of ``num_layers`` layers: (checkpoints kept, layers kept whole)."""
+    n = spec.recompute_num_layers
+    if spec.recompute_method == "uniform":
+        return math.ceil(num_layers / n), 0
+    return min(n, num_layers), num_layers - min(n, num_layers)
+
+
+def chunk_layer_bytes(model, spec: ActivationSpec, num_layers: int) -> tuple[float, float]:
+    """(bytes the layers of a chunk keep after forward, extra bytes while backward recomputes).
+
+    Full recomputation keeps each checkpoint's input (the local residual stream) and rebuilds one
+    checkpoint's layers at a time in backward."""
+    per_layer = layer_activation_bytes(model, spec)
+    if spec.recompute != "full":
+        return num_layers * per_layer, 0.0
+    kept, whole = checkpointed_layers(num_layers, spec)
+    stream = spec.local_tokens * model.hidden_size * spec.element_size
+    group = min(spec.recompute_num_layers, num_layers)
+    return kept * stream + whole * per_layer, group * per_layer
+
+
+def rotary_bytes(model, spec: ActivationSpec) -> float:
+    """The fp32 cos and sin tables [s, b, 1, d] each chunk computes once and its layers share."""
+    if model.position_embedding_type != "rope":
+        return 0.0
+    return 2 * 4.0 * spec.tokens * model.kv_channels
+
+
+def embedding_bytes(model, spec: ActivationSpec) -> float:
+    """The first chunk: token ids for the lookup's backward (int64; under TP the rank-local ids
+    and the bool out-of-range mask), learned position ids, and the dropout mask."""
+    ids = 8.0 * spec.tokens + (spec.tokens if spec.tp > 1 else 0.0)
+    if model.position_embedding_type == "learned_absolute":
+        ids += 8.0 * spec.tokens
+    if spec.training and model.hidden_dropout > 0:
+        ids += spec.local_tokens * model.hidden_size
+    return ids
+
+
+def output_bytes(model, spec: ActivationSpec) -> float:
+    """The last chunk: final norm, the output layer's input, and the vocab-parallel cross entropy
+    (the fp32 softmax of this rank's vocabulary slice, int64 local targets, bool mask)."""
+    vocab = model.padded_vocab_size(spec.tp) / spec.tp
+    output_input = spec.local_tokens * model.hidden_size * spec.element_size
+    cross_entropy = spec.tokens * (4.0 * vocab + 8 + 1)
+    return _norm_bytes(model, spec) + output_input + cross_entropy
+
+
+def chunk_activation_bytes(model, spec: ActivationSpec, num_layers: int, *, pre_process: bool,
+                           post_process: bool) -> tuple[float, float]:
+    """(bytes one micro-batch leaves saved on a model chunk, extra bytes during its backward)."""
+    kept, extra = chunk_layer_bytes(model, spec, num_layers)
+    kept += rotary_bytes(model, spec)
+    if pre_process:
+        kept += embedding_bytes(model, spec)
+    if post_process:
+        kept += output_bytes(model, spec)
+    return kept, extra
+
+
+def paper_layer_activation_bytes(model, spec: ActivationSpec) -> float:
+    """Korthikanti et al. 2022 (16-bit GPT, 4h MLP, dropout, s x s scores kept): sbh(34 + 5as/h)
+    and its TP / SP / selective / full forms."""
+    s, b, h, a, t = (spec.seq_length, spec.micro_batch_size, model.hidden_size,
+                     model.num_attention_heads, spec.tp)
+    sbh = s * b * h
+    if spec.recompute == "full":
+        return 2.0 * sbh / (t if spec.sequence_parallel else 1)
+    scores = 0.0 if spec.recompute == "selective" else 5.0 * a * s / h
+    if spec.sequence_parallel or t == 1:
+        return sbh * (34 + scores) / t
+    return sbh * (10 + (24 + scores) / t)
+
+
+# ---- pipeline: micro-batches in flight -------------------------------------------------------
+
+def megatron_in_flight(pp: int, stage: int, num_microbatches: int, num_chunks: int = 1) -> int:
+    """(micro-batch, chunk) forwards a stage holds at its peak in Megatron's schedules: 1F1B keeps
+    p - stage; interleaving keeps its warm-up plus one, (p - stage - 1) * 2 + (v - 1) * p + 1."""
+    if num_chunks == 1:
+        return min(pp - stage, num_microbatches)
+    return min((pp - stage - 1) * 2 + (num_chunks - 1) * pp + 1, num_microbatches * num_chunks)
+
+
+def schedule_activation_peak(pp: int, stage: int, num_microbatches: int, num_chunks: int,
+                             kept: list, extra: list) -> tuple[float, int]:
+    """(most activation bytes live at once, forwards in flight then) when this stage runs our
+    schedule (``slimtron.parallel.pipeline_schedules``): each forward of chunk c adds ``kept[c]``,
+    a backward of chunk c needs ``extra[c]`` more while it runs and then frees ``kept[c]``."""
+    from slimtron.parallel.pipeline_schedules import Kind, build_schedule
+
+    live = peak = 0.0
+    in_flight = peak_in_flight = 0
+    for action in build_schedule(pp, stage, num_microbatches, num_chunks):
+        if action.kind is Kind.FORWARD:
+            live += kept[action.chunk]
+            in_flight += 1
+            if live > peak:
+                peak, peak_in_flight = live, in_flight
+        elif action.kind is Kind.BACKWARD:
+            if live + extra[action.chunk] > peak:
+                peak, peak_in_flight = live + extra[action.chunk], in_flight
+            live -= kept[action.chunk]
+            in_flight -= 1
+    return peak, peak_in_flight
+
+
+# ---- parameters, gradients, optimizer state ----------------------------------------------------
+
+@dataclass(frozen=True)
+class StateSpec:
+    """How a rank keeps its parameters: 16-bit or fp32 training, distributed optimizer over dp."""
+    low_precision: bool = True
+    distributed_optimizer: bool = False
+    dp: int = 1
+
+
+def state_bytes(num_params: int, spec: StateSpec) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes of ``num_params`` parameters on one rank:
+    16-bit weights, fp32 grad buffers, fp32 main weights and Adam moments (2 + 4 + 12); fp32
+    training updates the weights themselves (4 + 4 + 8). The distributed optimizer shards the
+    optimizer's part over dp."""
+    weight, grad, optimizer = (2.0, 4.0, 12.0) if spec.low_precision else (4.0, 4.0, 8.0)
+    if spec.distributed_optimizer:
+        optimizer /= spec.dp
+    return num_params * weight, num_params * grad, num_params * optimizer
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def measured_state_bytes(model_chunks, grads, optimizer) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes from the tensors a rank holds. Adam's moments
+    are read from the optimizer's state once a step has made them, else counted as the two fp32
+    tensors shaped like each main parameter that the first step will make."""
+    if grads.use_distributed_optimizer:  # parameters live in the (padded) bucket buffers
+        weights = sum(_nbytes(b.param_data) for b in grads.buffers)
+    else:
+        weights = sum(_nbytes(p) for chunk in model_chunks for p in chunk.parameters())
+    gradients = sum(_nbytes(b.grad_data) for b in grads.buffers)
+    main = sum(_nbytes(s.main_param) for s in optimizer.shards if s.copy_back)
+    moments = 0
+    for shard in optimizer.shards:
+        state = optimizer.adam.state.get(shard.main_param, {}) if optimizer.adam is not None else {}
+        if state:
+            moments += _nbytes(state["exp_avg"]) + _nbytes(state["exp_avg_sq"])
+        else:
+            moments += 2 * 4 * shard.main_param.numel()
+    return weights, gradients, main + moments
+
+
+# ---- per stage ---------------------------------------------------------------------------------
+
+@dataclass
+class StageMemory:
+    """Bytes one rank of a pipeline stage holds; activations already times the in-flight count."""
+    stage: int
+    rank: int
+    parameters: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    in_flight: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def as_json(self) -> dict:
+        return {"stage": self.stage, "rank": self.rank, "parameters": self.parameters,
+                "weights": int(self.weights), "grads": int(self.grads),
+                "optimizer": int(self.optimizer), "activations": int(self.activations),
+                "in_flight": self.in_flight, "peak": int(self.peak)}

@@ -215,6 +215,27 @@ def check_post_training(data: DataConfig, training: TrainingConfig) -> None:
         raise ConfigError(f"--kd-alpha must be in [0, 1], got {training.kd_alpha}")
 
 
+def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """--context-parallel-size: each cp rank holds two of 2 x cp equal chunks of the sequence
+    (split again over TP under sequence parallelism), and ring attention has no dropout."""
+    cp, tp = parallel.cp, parallel.tp
+    if cp < 1:
+        raise ConfigError(f"--context-parallel-size must be positive, got {cp}")
+    if cp == 1:
+        return
+    if model.seq_length % (2 * cp):
+        raise ConfigError(f"--seq-length {model.seq_length} is not divisible by 2 x "
+                          f"--context-parallel-size {cp} = {2 * cp} (each rank holds two chunks)")
+    if parallel.sequence_parallel and (model.seq_length // cp) % tp:
+        raise ConfigError(f"--seq-length {model.seq_length} / --context-parallel-size {cp} = "
+                          f"{model.seq_length // cp} is not divisible by "
+                          f"--tensor-model-parallel-size {tp} (sequence parallelism)")
+    if model.attention_dropout > 0:
+        raise ConfigError(f"--attention-dropout {model.attention_dropout} with "
+                          f"--context-parallel-size {cp}: ring attention has no attention "
+                          "dropout; set --attention-dropout 0")
+
+
 def _llama(num_layers, hidden, ffn, heads, groups=None, seq=4096, vocab=32000) -> ModelConfig:
     return ModelConfig(num_layers=num_layers, hidden_size=hidden, ffn_hidden_size=ffn,
                        num_attention_heads=heads, num_query_groups=groups, seq_length=seq,

@@ -129,10 +129,14 @@ class ActivationSpec:
     recompute_num_layers: int = 1
     element_size: int = 2  # 2 for bf16/fp16, 4 for fp32
     training: bool = True  # dropout masks exist only in training
+    cp: int = 1  # context parallel: a rank holds seq_length / cp tokens of each sequence
 
     @property
     def tokens(self) -> int:
-        return self.seq_length * self.micro_batch_size
+        """Tokens of one micro-batch on this rank: every activation is per token, and ring
+        attention saves only the local q, k, v, output and logsumexp (as SDPA does), so context
+        parallelism divides every term by cp."""
+        return self.seq_length * self.micro_batch_size // self.cp
 
     @property
     def local_tokens(self) -> float:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from slimtron import memory
 from slimtron.config import ModelConfig
 from slimtron.model import GPTModel, kernels
 from slimtron.parallel import context_parallel as cpar
@@ -98,8 +99,9 @@ def _ring_worker(rank, world):
                            group=pairs[rank // 2])
     _check_ring(whole, "cp=4")
     _check_ring(pair, "cp=2")
-    _check_model(ParallelState.build(cp=world))
-    return True
+    pstate = ParallelState.build(cp=world)
+    _check_model(pstate)
+    return _layer_activation_bytes(pstate)
 
 
 def _model_loss_and_grads(pstate, tokens, labels, weight):
@@ -138,8 +140,31 @@ def test_ring_attention_matches_full_attention_cp1():
     _check_ring(single, "cp=1")
 
 
+def _layer_activation_bytes(pstate) -> float:
+    """Bytes autograd saves per layer of a bf16 decoder chunk on this cp rank's tokens."""
+    from tests.test_memory import LLAMA, MICRO_BATCH
+    model = GPTModel(LLAMA, pstate, pre_process=False, post_process=False, params_dtype=torch.bfloat16)
+    x = torch.randn(LLAMA.seq_length // pstate.cp.size, MICRO_BATCH, LLAMA.hidden_size,
+                    dtype=torch.bfloat16, requires_grad=True)
+    rotary = model.rotary(model._default_positions(MICRO_BATCH, x.shape[0], x.device))
+    with memory.SavedActivations(exclude=[*model.parameters(), *rotary]) as saved:
+        out = model.decoder(x, rotary)
+    after_forward = saved.live
+    out.float().sum().backward()
+    assert saved.live == 0
+    return after_forward / LLAMA.num_layers
+
+
 def test_ring_attention_matches_full_attention_cp2_cp4():
-    assert run_distributed(_ring_worker, 4) == [True] * 4
+    """One launch of 4 ranks: ring attention at cp=4 and (two pairs) cp=2, then a whole model at
+    cp=4 against one process, then the memory model's activation bytes at cp=4."""
+    from tests.test_memory import LLAMA, MICRO_BATCH
+    per_layer = run_distributed(_ring_worker, 4)
+    assert len(set(per_layer)) == 1  # load balancing: every cp rank keeps the same
+    spec = memory.ActivationSpec(LLAMA.seq_length, MICRO_BATCH, cp=4, element_size=2)
+    assert per_layer[0] == pytest.approx(memory.layer_activation_bytes(LLAMA, spec), rel=0.05)
+    single = memory.ActivationSpec(LLAMA.seq_length, MICRO_BATCH, element_size=2)
+    assert per_layer[0] * 4 == pytest.approx(memory.layer_activation_bytes(LLAMA, single), rel=0.05)
 
 
 def test_ring_attention_keeps_dtype_and_refuses_odd_lengths():

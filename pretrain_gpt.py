@@ -5,6 +5,8 @@
     python pretrain_gpt.py ...            (one process)
 
 Flags follow Megatron-LM's names; `python pretrain_gpt.py --help` lists them.
+`--dry-run --dry-run-world-size N [--dry-run-rank r] [--json]` builds rank r of an N-rank job (the first
+rank of every pipeline stage by default) on the meta device and reports its memory (slimtron.dry_run).
 A wrong setting, data file or checkpoint ends the run with one line `error: ...` and exit code 2
 (SLIMTRON_TRACEBACK=1 shows the traceback instead).
 """
@@ -32,6 +34,10 @@ def report_error(error: Exception) -> None:
 
 def main() -> int:
     try:
+        if "--dry-run" in sys.argv[1:]:  # slimtron.dry_run: one rank at its real size, no training
+            from slimtron.dry_run import main as dry_run_main
+            dry_run_main(sys.argv[1:])
+            return 0
         pretrain(parse_args())
     except ValueError as error:  # ConfigError, and the data and checkpoint checks' ValueErrors
         if os.environ.get("SLIMTRON_TRACEBACK"):

@@ -68,8 +68,14 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     elif per_group > 1:
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=is_causal, **gqa)
+    if q.device.type == "meta" and attn_mask is None and dropout_p == 0.0:
+        # The dry run (slimtron.dry_run): on meta SDPA would trace the math kernel and its s x s
+        # scores; count what the flash kernel a GPU runs keeps (q, k, v, output, logsumexp).
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal)[0]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, **gqa)
     return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 

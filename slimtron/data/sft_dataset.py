@@ -130,11 +130,20 @@ def encode_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
     """The tokens a model continues to answer ``messages`` (ending in the assistant header)."""
     hf = _hf_chat_tokenizer(tokenizer)
     if hf is not None:
-        return list(hf.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
+        return _render(hf, messages, add_generation_prompt=True)
     ids = [tokenizer.bos] if tokenizer.bos is not None else []
     for m in messages:
         ids += _plain(tokenizer, DEFAULT_HEADERS[m["role"]]) + _plain(tokenizer, m["content"] + "\n\n")
     return ids + _plain(tokenizer, DEFAULT_HEADERS["assistant"])
+
+
+def _render(hf, messages, add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` in the chat template (transformers 5 returns a BatchEncoding)."""
+    out = hf.apply_chat_template(list(messages), tokenize=True,
+                                 add_generation_prompt=add_generation_prompt)
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return [int(i) for i in out]
 
 
 def _encode_with_chat_template(messages, hf) -> tuple[list[int], list[bool]]:
@@ -143,11 +152,10 @@ def _encode_with_chat_template(messages, hf) -> tuple[list[int], list[bool]]:
     ids, trained = [], []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            before = list(hf.apply_chat_template(list(messages[:i]), tokenize=True,
-                                                 add_generation_prompt=True)) if i else []
+            before = _render(hf, messages[:i], add_generation_prompt=True) if i else []
             head = before[len(ids):] if before[:len(ids)] == ids else []
             ids, trained = ids + head, trained + [False] * len(head)
-        upto = list(hf.apply_chat_template(list(messages[:i + 1]), tokenize=True))
+        upto = _render(hf, messages[:i + 1], add_generation_prompt=False)
         if upto[:len(ids)] != ids:
             raise ConfigError("the tokenizer's chat template does not render a conversation as "
                               "a prefix of its continuation; SFT cannot find the assistant turns")

@@ -7,12 +7,121 @@
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from slimtron.config import ModelConfig
+from slimtron.config import ModelConfig, OptimizerConfig, ParallelConfig
 from slimtron.model import init
+from slimtron.optim import build_optimizer
+from slimtron.parallel.data_parallel import DataParallelGrads
 from slimtron.parallel.sharding import shard
+from slimtron.parallel.state import ParallelState
+
+
+# ---- counting -----------------------------------------------------------------------------------
+SYNC_OPS = {"aten._local_scalar_dense.default"}  # what Tensor.item / float() / bool() dispatch
+
+
+class StepCounter(TorchDispatchMode):
+    """Dispatched ops by name, and synchronisations: scalar reads (aten._local_scalar_dense, the op
+    behind item(), float(), bool()) plus Python-level tolist() and cpu()/to("cpu") calls, which
+    read a tensor's data without dispatching such an op."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.python_syncs = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.ops[op] for op in SYNC_OPS) + sum(self.python_syncs.values())
+
+    @property
+    def total_ops(self) -> int:
+        return sum(self.ops.values())
+
+    @contextlib.contextmanager
+    def watching(self, monkeypatch):
+        for name in ("tolist", "cpu"):
+            monkeypatch.setattr(torch.Tensor, name, self._recording(name, getattr(torch.Tensor, name)))
+        real_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu":
+                self.python_syncs["to(cpu)"] += 1
+            return real_to(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        with self:
+            yield self
+        monkeypatch.undo()
+
+    def _recording(self, name, real):
+        def method(tensor, *args, **kwargs):
+            self.python_syncs[name] += 1
+            return real(tensor, *args, **kwargs)
+        return method
+
+
+# ---- optimizer side -----------------------------------------------------------------------------
+class ManyTensors(torch.nn.Module):
+    """``count`` parameter tensors: matrices and vectors alternating (decay and no-decay groups)."""
+
+    def __init__(self, count: int, dtype: torch.dtype):
+        super().__init__()
+        g = torch.Generator().manual_seed(count)
+        self.weights = torch.nn.ParameterList()
+        for i in range(count):
+            shape = (4, 4) if i % 2 == 0 else (4,)
+            param = torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype))
+            param.global_name, param.tensor_model_parallel = f"p{i}", False
+            self.weights.append(param)
+
+    def forward(self, x):
+        for w in self.weights:
+            x = torch.tanh(x @ w) if w.ndim == 2 else x * w
+        return x
+
+
+def _optimizer_step_counts(monkeypatch, count: int, precision: str, dist_opt: bool):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = ManyTensors(count, dtype)
+    grads = DataParallelGrads([model], ParallelState.single(), bucket_size=64,
+                              use_distributed_optimizer=dist_opt)
+    config = OptimizerConfig(lr=1e-3, clip_grad=1.0, weight_decay=0.1, lr_decay_style="constant",
+                             bf16=precision == "bf16", fp16=precision == "fp16",
+                             initial_loss_scale=1024.0)
+    opt = build_optimizer([model], config, ParallelConfig(use_distributed_optimizer=dist_opt),
+                          ParallelState.single(), grads, train_iters=10)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    counts = []
+    for _ in range(2):  # the first step creates Adam's state; the second is a steady step
+        opt.zero_grad()
+        opt.scale_loss(model(x).float().pow(2).mean()).backward()
+        grads.finish_grad_sync()
+        counter = StepCounter()
+        with counter.watching(monkeypatch):
+            ok, norm, _ = opt.step()
+        assert ok and torch.isfinite(norm)
+        counts.append(counter)
+    return counts[-1]
+
+
+@pytest.mark.parametrize("precision,dist_opt", [("fp32", False), ("bf16", True), ("fp16", False)])
+def test_optimizer_step_ops_and_syncs_do_not_grow_with_parameter_tensors(monkeypatch, precision,
+                                                                          dist_opt):
+    few, many = (_optimizer_step_counts(monkeypatch, n, precision, dist_opt) for n in (10, 100))
+    assert few.ops == many.ops, (few.ops, many.ops)
+    # bf16 checks nothing (as Megatron); fp16 and fp32 read one overflow flag.
+    assert few.syncs == many.syncs == (0 if precision == "bf16" else 1), many.ops
 
 
 # ---- initialisation -----------------------------------------------------------------------------

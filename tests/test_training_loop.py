@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-import slimtron.training as training
+import slimtron.training.loop as loop
 from slimtron.training import setup, train
 from tests.distributed import run_distributed
 from tests.test_training_parity import tiny_config
@@ -38,12 +38,12 @@ def test_cli_run_logs_megatron_lines_validation_and_tensorboard(tmp_path):
 
 
 def _train_with_nan_loss(rank, world, config):
-    real = training.make_forward_step
+    real = loop.make_forward_step
 
     def poisoned(engine, loss_scale):
         step = real(engine, loss_scale)
         return lambda chunk, batch, x: step(chunk, batch, x) * float("nan")
-    training.make_forward_step = poisoned
+    loop.make_forward_step = poisoned
     engine = setup(config, world)
     seen = []
     try:

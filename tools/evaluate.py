@@ -21,14 +21,11 @@ import sys
 import torch
 
 from slimtron import training
-from slimtron.arguments import validate
-from slimtron.checkpointing import load_checkpoint, load_common
+from slimtron.checkpointing import load_common
 from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError
 from slimtron.data.tokenizers import build_model_tokenizer
-from slimtron.model import build_model_chunks
-from slimtron.parallel.random import seed_default_generators
-from slimtron.parallel.state import ParallelState, init_distributed
+from slimtron.parallel.state import init_distributed
 
 SPLITS = {"valid": 1, "test": 2}
 
@@ -80,34 +77,21 @@ def evaluation_config(args, saved: dict) -> Config:
     return config
 
 
-def build_engine(config: Config, world: int, device) -> training.Engine:
+def build_engine(config: Config, world: int) -> training.Engine:
     """Model (weights from the checkpoint) and datasets (the tokenizer gives their end-of-document
     id); no gradients, no optimizer."""
     tokenizer = build_model_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model,
                                       config.model.vocab_size, config.training.load)
-    validate(config, world)
-    p = config.parallel
-    pstate = ParallelState.build(p.tp, p.pp, p.data_parallel_size, device=device)
-    seed_default_generators(config.training.seed, pstate)
-    params_dtype = training.DTYPES[config.optim.params_dtype_name]
-    chunks = build_model_chunks(config.model, pstate, params_dtype=params_dtype,
-                                seed=config.training.seed, device=device)
-    load_checkpoint(config.training.load, chunks, None, pstate=pstate, config=config,
-                    finetune=True)
-    t = config.training
-    num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp_size)
-    datasets, available = training.build_datasets(config, tokenizer, pstate)
-    return training.Engine(config, pstate, chunks, None, None, datasets, training.TrainState(),
-                           params_dtype, num_micro, available)
+    return training.setup(config, world, training=False, tokenizer=tokenizer)
 
 
 def run(args) -> float:
     """Evaluate; returns the loss (every rank) and prints loss and perplexity (rank 0)."""
-    device = init_distributed()
+    init_distributed()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     _, common = load_common(args.load)
     config = evaluation_config(args, common["config"])
-    engine = build_engine(config, world, device)
+    engine = build_engine(config, world)
     split = SPLITS[args.eval_split]
     if not engine.available[split]:
         raise ConfigError(f"--split {args.split}: the {args.eval_split} split of --data-path is "

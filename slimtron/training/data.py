@@ -1,0 +1,55 @@
+"""The data side of training: the three datasets, and each step's micro-batches for this rank."""
+from __future__ import annotations
+
+import torch
+
+from slimtron.config import Config, ConfigError
+from slimtron.parallel.state import ParallelState
+
+
+def build_datasets(config: Config, tokenizer, pstate: ParallelState):
+    """(train, valid, test) datasets, and which of them exist (an empty split has none).
+    Ranks that read no data (middle pipeline stages) get Nones but the same availability."""
+    from slimtron.data import build_train_valid_test_datasets
+    from slimtron.data.mock_dataset import MockGPTDataset
+
+    t = config.training
+    gbs = t.global_batch_size
+    eval_runs = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
+    num_samples = (t.train_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs)
+    seq = config.model.seq_length
+    if config.data.mock_data:
+        datasets = tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i)
+                         for i, n in enumerate(num_samples))
+    else:  # collective (rank 0 builds the index cache, the others wait): every rank calls it
+        datasets = tuple(build_train_valid_test_datasets(
+            config.data.data_path, config.data.split, seq, t.seed, num_samples,
+            cache_dir=config.data.data_cache_path, eod_id=getattr(tokenizer, "eod", None),
+            eod_mask_loss=config.data.eod_mask_loss, pstate=pstate))
+    available = tuple(d is not None for d in datasets)  # the same on every rank
+    if not (pstate.is_first_stage or pstate.is_last_stage):
+        datasets = (None, None, None)
+    return datasets, available
+
+
+def microbatches_for(dataset, first_sample: int, config: Config, pstate: ParallelState,
+                     num_microbatches: int) -> list:
+    """This rank's micro-batches of the global batch starting at ``first_sample``.
+
+    Megatron's sampler: each group of ``mbs * dp`` consecutive samples is one micro-batch step,
+    data-parallel rank d taking the d-th ``mbs`` of it. Samples depend only on the global index,
+    so any layout sees the same global batch and a resumed run the same data.
+    """
+    if dataset is None:
+        return [None] * num_microbatches
+    mbs, dp = config.training.micro_batch_size, pstate.dp.size
+    out = []
+    for k in range(num_microbatches):
+        start = first_sample + k * mbs * dp + pstate.dp.rank * mbs
+        if start + mbs > len(dataset):
+            raise ConfigError(f"the dataset has {len(dataset)} samples; sample {start + mbs - 1} "
+                              "was asked for (it was built for fewer iterations than this run)")
+        samples = [dataset[start + j] for j in range(mbs)]
+        out.append({key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
+                    .to(pstate.device) for key in samples[0]})
+    return out

@@ -1,0 +1,139 @@
+"""Everything one rank trains (or evaluates) with, built once: process groups, model chunks, grad
+buffers, optimizer, datasets; and the checkpoint load/save around them."""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from slimtron import checkpointing
+from slimtron.arguments import validate
+from slimtron.config import Config, ConfigError
+from slimtron.model import build_model_chunks
+from slimtron.model.transformer import Recompute
+from slimtron.optim import build_optimizer
+from slimtron.parallel.data_parallel import DataParallelGrads
+from slimtron.parallel.random import seed_default_generators
+from slimtron.parallel.state import ParallelState, init_distributed
+from slimtron.training.data import build_datasets
+from slimtron.training.metrics import log
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    consecutive_nan_iterations: int = 0
+
+
+@dataclass
+class Engine:
+    """Everything one rank trains with (``grads`` and ``optimizer`` are None for evaluation)."""
+    config: Config
+    pstate: ParallelState
+    model_chunks: list
+    grads: Optional[DataParallelGrads]
+    optimizer: object
+    datasets: tuple  # (train, valid, test), None where not needed
+    state: TrainState
+    params_dtype: torch.dtype
+    num_microbatches: int
+    available: tuple = (False, False, False)  # which splits exist (same on every rank)
+
+
+def build_tokenizer_for(config: Config):
+    """The run's tokenizer (None without --tokenizer-type); its size becomes the model's."""
+    if not config.data.tokenizer_type:
+        return None
+    from slimtron.data.tokenizers import build_tokenizer
+    tokenizer = build_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model)
+    config.model.vocab_size = tokenizer.vocab_size
+    return tokenizer
+
+
+def build_parallel_state(config: Config, device: torch.device) -> ParallelState:
+    p = config.parallel
+    return ParallelState.build(p.tp, p.pp, p.data_parallel_size, p.cp, device=device,
+                               virtual_pp_size=p.virtual_pipeline_size(config.model.num_layers),
+                               timeout=datetime.timedelta(minutes=p.distributed_timeout_minutes))
+
+
+def setup(config: Config, world_size: Optional[int] = None, *, training: bool = True,
+          tokenizer=None) -> Engine:
+    """Initialise distributed, validate, build tokenizer, model, (grads, optimizer,) data; load.
+
+    ``training=False`` builds no gradient buffers and no optimizer (evaluation); ``tokenizer``
+    replaces the one --tokenizer-type names (the caller has set the model's vocabulary)."""
+    p, t = config.parallel, config.training
+    device = init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
+    world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
+    if tokenizer is None:
+        tokenizer = build_tokenizer_for(config)
+    validate(config, world)
+    pstate = build_parallel_state(config, device)
+    seed_default_generators(t.seed, pstate)
+    params_dtype = DTYPES[config.optim.params_dtype_name]
+    model_chunks = build_model_chunks(
+        config.model, pstate, pstate.virtual_pp_size, sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype, seed=t.seed, device=device,
+        recompute=Recompute.from_training_config(t))
+    num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp.size)
+    grads = optimizer = None
+    if training:
+        grads = DataParallelGrads(model_chunks, pstate, p.bucket_size, p.overlap_grad_reduce,
+                                  p.use_distributed_optimizer)
+        optimizer = build_optimizer(model_chunks, config.optim, p, pstate, grads,
+                                    train_iters=t.train_iters)
+        # The pipeline interleaves micro-batches, so "last micro-batch" is per parameter: a
+        # bucket's reduction starts once each of its parameters has had all its gradients.
+        grads.set_microbatches_per_step(num_micro)
+    engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
+                    params_dtype, num_micro)
+    if t.load:
+        load(engine)
+    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)
+    if training and not engine.available[0] and not t.eval_only:
+        raise ConfigError(f"--split {config.data.split} leaves no training data")
+    return engine
+
+
+def load(engine: Engine):
+    t = engine.config.training
+    if checkpointing.latest_iteration(t.load) is None:
+        log(engine.pstate, f" no checkpoint in {t.load}: starting from scratch")
+        return
+    info = checkpointing.load_checkpoint(
+        t.load, engine.model_chunks, engine.optimizer, engine.pstate,
+        engine.config, load_optim=not (t.no_load_optim or t.finetune), load_rng=not t.no_load_rng,
+        finetune=t.finetune, rng_tracker=engine.model_chunks[0].rng_tracker)
+    extra = info.get("extra", {})
+    engine.state = TrainState(iteration=info["iteration"],
+                              consumed_train_samples=info["consumed_samples"],
+                              skipped_iterations=extra.get("skipped_iterations", 0),
+                              nan_iterations=extra.get("nan_iterations", 0))
+    log(engine.pstate, f" loaded checkpoint from {t.load} at iteration {info['iteration']}")
+
+
+def save(engine: Engine):
+    t = engine.config.training
+    s = engine.state
+    path = checkpointing.save_checkpoint(
+        t.save, s.iteration, engine.model_chunks, engine.optimizer, engine.pstate, engine.config,
+        s.consumed_train_samples,
+        extra={"skipped_iterations": s.skipped_iterations, "nan_iterations": s.nan_iterations},
+        rng_tracker=engine.model_chunks[0].rng_tracker)
+    log(engine.pstate, f" saved checkpoint at iteration {s.iteration:7d} to {path}")
+
+
+def shutdown_distributed():
+    """Leave together: a process that exits while gloo's threads still serve a peer aborts."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""Training-step throughput of slimtron's model against Hugging Face's LlamaForCausalLM.
+"""Whole training-step throughput: slimtron against Hugging Face's LlamaForCausalLM.
 
-One process, one device. For each dtype (bf16, fp32): the same Llama (default the ``llama-100m``
-preset, shortened to --seq-length) is built in slimtron and in transformers, the HF model gets
-slimtron's initial weights through slimtron.hf_mapping (so both compute the same loss, printed as a
-check), and each runs forward + backward + torch AdamW steps on the same random batch. Steps of
-the two models alternate so that load from other processes hits both alike; after --warmup
+One process, one device. For each precision (bf16, fp32) the same Llama (default the
+``llama-100m`` preset, 134M parameters, at --seq-length) is built in slimtron and in transformers;
+the HF model gets slimtron's initial weights through slimtron.hf_mapping (the initial losses are
+printed as a check). Each side trains the way its users train:
+
+- slimtron: its real path: bf16 (or fp32) parameters, fp32 gradient buffer
+  (``DataParallelGrads``), the distributed optimizer at dp=1 (fp32 main parameters, clipping to
+  1.0, AdamW), the model's own vocab-parallel cross entropy;
+- HF: fp32 weights under ``torch.autocast(bf16)`` for bf16 (plain fp32 for fp32), fp32 cross
+  entropy, ``clip_grad_norm_(1.0)`` and torch AdamW, as the HF Trainer does.
+
+Steps of the two alternate so that load from other processes hits both alike; after --warmup
 untimed steps each, the best and the median of --steps timed steps give tokens/s (the best step,
 like the best matmul window of the measured peak, is the one least disturbed by other processes
 on shared cores). Achieved FLOP/s (slimtron.flops: 6N + 12*L*s*heads*head_dim per token) is given
 as a fraction of this machine's matmul peak for the dtype (vendor table on a known GPU, else
 measured).
 
-Usage: python bench/step_throughput.py [--preset llama-100m] [--micro-batch-size 2]
-                                       [--seq-length 256] [--warmup 2] [--steps 5]
+Usage: python bench/step_throughput.py [--preset llama-100m] [--micro-batch-size 4]
+                                       [--seq-length 512] [--warmup 2] [--steps 5]
 """
 from __future__ import annotations
 
@@ -24,14 +31,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slimtron import flops, hf_mapping  # noqa: E402
-from slimtron.config import ModelConfig, model_preset  # noqa: E402
+from slimtron.config import ModelConfig, OptimizerConfig, ParallelConfig, model_preset  # noqa: E402
 from slimtron.model import GPTModel  # noqa: E402
+from slimtron.optim import build_optimizer  # noqa: E402
+from slimtron.parallel.data_parallel import DataParallelGrads  # noqa: E402
 from slimtron.parallel.state import ParallelState  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -42,16 +53,18 @@ def build_slimtron(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -
 
 
 @torch.no_grad()
-def build_hf_copy(cfg: ModelConfig, ours: GPTModel, dtype: torch.dtype, device: torch.device):
-    """LlamaForCausalLM of the same config holding ``ours``' weights."""
+def build_hf_copy(cfg: ModelConfig, ours: GPTModel, device: torch.device):
+    """LlamaForCausalLM of the same config holding ``ours``' weights, in fp32 (HF users train
+    fp32 weights, under autocast for bf16)."""
     from transformers import LlamaForCausalLM
 
+    dtype = torch.float32
     hf = LlamaForCausalLM(hf_mapping.hf_config(cfg, dtype)).to(device=device, dtype=dtype)
     hf.config._attn_implementation = "sdpa"
     params = dict(ours.named_parameters())
     state = {}
     for rule in hf_mapping.mapping(cfg):
-        full = hf_mapping.drop_vocab_padding(rule.ours, params[rule.ours].detach(), cfg)
+        full = hf_mapping.drop_vocab_padding(rule.ours, params[rule.ours].detach().float(), cfg)
         state.update(hf_mapping.to_hf(rule, full, cfg))
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -59,30 +72,60 @@ def build_hf_copy(cfg: ModelConfig, ours: GPTModel, dtype: torch.dtype, device: 
     return hf
 
 
+LR, WEIGHT_DECAY, CLIP = 1e-5, 0.1, 1.0
+
+
 def slimtron_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return model(tokens, labels=labels).mean()
 
 
-def hf_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def hf_loss(model, tokens: torch.Tensor, labels: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
     # The same fp32 cross entropy over every position as slimtron's (HF's own would shift labels).
-    logits = model(input_ids=tokens).logits
+    context = (torch.autocast(tokens.device.type, dtype=autocast_dtype)
+               if autocast_dtype is not None else contextlib.nullcontext())
+    with context:
+        logits = model(input_ids=tokens).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
-def make_step(model, loss_fn: Callable, tokens, labels) -> Callable[[], float]:
-    """One forward + backward + AdamW step; returns its wall time in seconds."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, foreach=True)
-
+def timed(device: torch.device, body: Callable[[], None]) -> Callable[[], float]:
     def step() -> float:
-        _synchronize(tokens.device)
+        _synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, tokens, labels).backward()
-        optimizer.step()
-        _synchronize(tokens.device)
+        body()
+        _synchronize(device)
         return time.perf_counter() - start
-
     return step
+
+
+def make_slimtron_step(model: GPTModel, dtype_name: str, tokens, labels) -> Callable[[], float]:
+    """slimtron's real step: fp32 grad buffer, distributed optimizer at dp=1, clip, AdamW."""
+    pstate = ParallelState.single(tokens.device)
+    grads = DataParallelGrads([model], pstate, use_distributed_optimizer=True)
+    config = OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY, clip_grad=CLIP,
+                             lr_decay_style="constant", bf16=dtype_name == "bf16")
+    optimizer = build_optimizer([model], config, ParallelConfig(use_distributed_optimizer=True),
+                                pstate, grads, train_iters=1)
+
+    def body() -> None:
+        optimizer.zero_grad()
+        slimtron_loss(model, tokens, labels).backward()
+        grads.finish_grad_sync()
+        optimizer.step()
+    return timed(tokens.device, body)
+
+
+def make_hf_step(model, dtype_name: str, tokens, labels) -> Callable[[], float]:
+    """HF Trainer's step: autocast for bf16 over fp32 weights, clip_grad_norm_, torch AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    autocast = DTYPES[dtype_name] if dtype_name != "fp32" else None
+
+    def body() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        hf_loss(model, tokens, labels, autocast).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+    return timed(tokens.device, body)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -109,11 +152,13 @@ def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length), device=device)
     labels = torch.roll(tokens, -1, dims=1)
     ours = build_slimtron(cfg, dtype, device)
-    theirs = build_hf_copy(cfg, ours, dtype, device)
+    theirs = build_hf_copy(cfg, ours, device)
+    autocast = dtype if dtype_name != "fp32" else None
     with torch.no_grad():
-        initial = (slimtron_loss(ours, tokens, labels).item(), hf_loss(theirs, tokens, labels).item())
-    seconds = time_alternating({"slimtron": make_step(ours, slimtron_loss, tokens, labels),
-                                "hf": make_step(theirs, hf_loss, tokens, labels)},
+        initial = (slimtron_loss(ours, tokens, labels).item(),
+                   hf_loss(theirs, tokens, labels, autocast).item())
+    seconds = time_alternating({"slimtron": make_slimtron_step(ours, dtype_name, tokens, labels),
+                                "hf": make_hf_step(theirs, dtype_name, tokens, labels)},
                                args.warmup, args.steps)
     tokens_per_step = tokens.numel()
     return {"dtype": dtype_name, "initial_loss": initial,
@@ -127,7 +172,8 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
     best, median, peak = result["best"], result["median"], result["peak"]
     ours, theirs = result["initial_loss"]
     lines = [f"{result['dtype']}: peak {peak}",
-             f"  initial loss slimtron {ours:.4f}  HF {theirs:.4f}  (same weights: should match)"]
+             f"  initial loss slimtron {ours:.4f}  HF {theirs:.4f}  (same weights: should match "
+             "to the precision's rounding)"]
     for name in ("slimtron", "hf"):
         achieved = best[name] * flops_per_token
         lines.append(f"  {name:<9} best {best[name]:8.1f} tokens/s  {achieved / 1e9:7.1f} GFLOP/s  "
@@ -141,8 +187,8 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-100m")
-    parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
@@ -163,7 +209,9 @@ def main(argv=None) -> None:
           f"{cfg.ffn_hidden_size}, {cfg.num_attention_heads} heads, vocab {cfg.vocab_size}; "
           f"batch {args.micro_batch_size} x seq {cfg.seq_length}; device {device}, "
           f"{torch.get_num_threads()} threads; {per_token / 1e6:.1f} MFLOP per token (train); "
-          f"{args.steps} timed steps after {args.warmup} warm-up, AdamW (torch) on both")
+          f"{args.steps} timed steps after {args.warmup} warm-up; slimtron: distributed optimizer "
+          f"(dp=1, fp32 main params); HF: autocast over fp32 weights, torch AdamW; both clip "
+          f"to {CLIP}")
     for dtype_name in args.dtypes:
         print("\n".join(format_result(bench_dtype(cfg, dtype_name, args, device), per_token)),
               flush=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slimtron import hf_mapping
-from slimtron.checkpointing import _SavedShards, load_checkpoint, load_common, save_checkpoint
+from slimtron.checkpointing import load_checkpoint, load_common, open_checkpoint, save_checkpoint
 from slimtron.config import Config, ConfigError, DataConfig, ModelConfig
 from slimtron.data.tokenizers import SentencePieceTokenizer
 from slimtron.model import build_model_chunks, parameter_seed
@@ -215,9 +215,9 @@ def test_bf16_export_and_refusals(llama_ckpt, tmp_path, capsys):
 def assert_same_checkpoint(a_root: str, b_root: str, cfg: ModelConfig):
     """Every parameter bitwise equal (real vocabulary rows; padding rows zero in both)."""
     (a_dir, a_common), (b_dir, b_common) = load_common(a_root), load_common(b_root)
-    a, b = _SavedShards(a_dir, a_common["layout"]), _SavedShards(b_dir, b_common["layout"])
-    assert set(a.where) == set(b.where)
-    for name in a.where:
+    a, b = open_checkpoint(a_dir, a_common), open_checkpoint(b_dir, b_common)
+    assert set(a.names()) == set(b.names())
+    for name in a.names():
         x, y = a.full(name), b.full(name)
         if name in hf_mapping.VOCAB_PARAMS:
             assert not x[cfg.vocab_size:].any() and not y[cfg.vocab_size:].any()

@@ -133,7 +133,7 @@ def write_stage(weights: HFWeights, cfg: ModelConfig, rules: dict, tp: int, pp: 
         for tp_rank, params in enumerate(per_rank):
             p = params[name]
             shards[tp_rank]["params"][name] = shard_like(full, p, tp, tp_rank).clone()
-            shards[tp_rank]["meta"][name] = checkpointing._param_meta(p)
+            shards[tp_rank]["meta"][name] = checkpointing.v1.param_meta(p)
     for tp_rank, shard in enumerate(shards):
         torch.save(shard, os.path.join(out_dir, checkpointing.model_file(tp_rank, pp_rank)))
 
@@ -169,12 +169,12 @@ def convert(hf_dir: str, save: str, tp: int = 1, pp: int = 1,
     torch.save(_common(config, tp, pp), os.path.join(tmp, "common.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    checkpointing._write_tracker(save, 0)
+    checkpointing.common.write_tracker(save, 0)
     return config
 
 
 def _common(config: Config, tp: int, pp: int) -> dict:
-    return {"format_version": checkpointing.FORMAT_VERSION, "iteration": 0,
+    return {"format_version": checkpointing.v1.FORMAT_VERSION, "iteration": 0,
             "consumed_samples": 0, "config": config.to_dict(),
             "layout": {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp},
             "optimizer": None, "extra": {"converted_from": "huggingface"}}

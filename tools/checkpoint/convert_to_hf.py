@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 
 from slimtron import hf_mapping
-from slimtron.checkpointing import _SavedShards, load_common
+from slimtron.checkpointing import load_common, open_checkpoint
 from slimtron.cli import run_tool
 from slimtron.config import Config, ConfigError, ModelConfig
 from slimtron.training import DTYPES
@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------ weights
-def hf_tensors(saved: _SavedShards, cfg: ModelConfig, dtype: torch.dtype
+def hf_tensors(saved, cfg: ModelConfig, dtype: torch.dtype
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every parameter, one table row at a time."""
     for rule in hf_mapping.mapping(cfg):
@@ -214,7 +214,7 @@ def convert(load: str, output: str, dtype: str = "fp32", max_shard_size: str = "
     tmp = output.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    saved = _SavedShards(ckpt_dir, common["layout"])
+    saved = open_checkpoint(ckpt_dir, common)
     write_safetensors(hf_tensors(saved, cfg, DTYPES[dtype]), tmp, max_bytes)
     tok = export_tokenizer(tokenizer_type or config.data.tokenizer_type,
                            tokenizer_model or config.data.tokenizer_model, tmp, cfg)

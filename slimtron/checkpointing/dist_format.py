@@ -1,0 +1,386 @@
+"""Format version 2 (``--ckpt-format torch_dist``): every rank writes and reads only its share.
+
+Layout of an iteration directory::
+
+    common.pt              iteration, consumed samples, config, layout, optimizer state_dict
+    metadata.json          every entry's global shape and dtype, and where each of its
+                           rectangles (chunks) lies: file, byte offset, offsets, sizes
+    shard_00003.bin        rank 3's chunks, raw row-major bytes, one after the other
+    rng_rank00003.pt       rank 3's RNG states
+
+Entries are layout-independent (``layout.py``): ``model/<name>`` holds the weights in their dtype,
+``optim/<key>/<name>`` the fp32 main parameter and Adam moments. A rank writes the part of each
+that it owns: under the distributed optimizer its own range of the optimizer state; ranks that
+hold the same thing (the weights of one (tp, pp) on its DP x CP ranks, or the whole optimizer state
+without the distributed optimizer) write equal parts of it. No rank gathers anything but this
+metadata. A load reads, for each rectangle it needs, only the overlapping rows (or row segments)
+of the chunks that hold it, through a bounded buffer.
+
+``metadata.json`` is plain JSON: loading unpickles nothing but ``common.pt`` and the RNG files,
+both with ``weights_only``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from slimtron.checkpointing.common import OPTIM_KEYS, named_params
+from slimtron.checkpointing.layout import Box, ParamLayout, flat_offset, flat_range_boxes
+from slimtron.config import ConfigError
+
+FORMAT_VERSION = 2
+FORMAT_NAME = "torch_dist"
+METADATA_FILE = "metadata.json"
+# Host memory one rank uses to stage a write from device memory or to read a rectangle.
+STAGING_BYTES = 64 << 20
+_DTYPES = {str(d).removeprefix("torch."): d for d in
+           (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def shard_file(rank: int) -> str:
+    return f"shard_{rank:05d}.bin"
+
+
+@dataclass
+class Chunk:
+    """One rectangle of one entry that this rank writes; ``data`` is its tensor (any device)."""
+    key: str
+    box: Box
+    data: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------- planning
+def _share(start: int, end: int, index: int, count: int) -> tuple:
+    """Part ``index`` of ``count`` near-equal parts of [start, end)."""
+    n = end - start
+    return start + n * index // count, start + n * (index + 1) // count
+
+
+def _shares(ranges: dict, axis) -> dict:
+    """This rank's part of each range: ranks of ``axis`` holding an equal range split it."""
+    if axis.size <= 1 or axis.group is None:
+        return ranges
+    everyone = [None] * axis.size
+    dist.all_gather_object(everyone, ranges, group=axis.group)
+    out = {}
+    for name, rng in ranges.items():
+        holders = [i for i, theirs in enumerate(everyone) if theirs.get(name) == rng]
+        out[name] = _share(rng[0], rng[1], holders.index(axis.rank), len(holders))
+    return out
+
+
+def _writes_param(p, pstate) -> bool:
+    # The last stage's copy of a tied embedding is written by the first stage, a parameter
+    # replicated over TP (norms, biases after a row-parallel layer) by TP rank 0.
+    if getattr(p, "shared_embedding", False) and pstate.pp.rank != 0:
+        return False
+    return bool(getattr(p, "tensor_model_parallel", False)) or pstate.tp.rank == 0
+
+
+def _optimizer_tensors(optimizer) -> dict:
+    """``{name: (range, {key: flat tensor})}``: the optimizer's own tensors, not copies."""
+    out = {}
+    for shard in optimizer.shards:
+        state = optimizer.adam.state.get(shard.main_param, {}) if optimizer.adam is not None else {}
+        n = shard.end - shard.start
+        tensors = {"main_param": shard.main_param.detach().reshape(-1)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[key] = (state[key].reshape(-1) if key in state else
+                            torch.zeros(n, dtype=torch.float32, device=shard.main_param.device))
+        out[optimizer._global_name(shard.model_param)] = ((shard.start, shard.end), tensors)
+    return out
+
+
+def _contiguous(shape: tuple, box: Box) -> bool:
+    inner_full = True
+    for size, o, s in reversed(list(zip(shape, box.offsets, box.sizes))):
+        if not inner_full and s != 1:
+            return False
+        inner_full = inner_full and o == 0 and s == size
+    return True
+
+
+def plan(model_chunks, optimizer, pstate, vocab_size: int) -> tuple:
+    """``(entries, chunks)``: ``{key: {"shape", "dtype"}}`` of every entry this rank writes to,
+    and the chunks it writes. Collective over ``pstate.dp_cp`` when the optimizer is given."""
+    params = {n: p for n, p in named_params(model_chunks).items() if _writes_param(p, pstate)}
+    axis = pstate.dp_cp
+    layouts = {n: ParamLayout.of(p, pstate.tp.rank, vocab_size) for n, p in params.items()}
+    entries, chunks = {}, []
+
+    def add(prefix: str, name: str, flat: torch.Tensor, base: int, start: int, end: int):
+        lay = layouts[name]
+        for block, (key, shape) in enumerate(lay.entries(pstate.tp.size).items()):
+            entries[prefix + key] = {"shape": list(shape),
+                                     "dtype": str(flat.dtype).removeprefix("torch.")}
+            if lay.chunks > 1:  # block `block` of `chunks` along dim of the parameter
+                entries[prefix + key]["block"] = [block, lay.chunks, lay.dim]
+        for box in flat_range_boxes(lay.local_shape, start, end):
+            for key, entry_box, local_box in lay.pieces(box):
+                if not _contiguous(lay.local_shape, local_box):
+                    raise ValueError(f"checkpoint: a piece of {name} is not contiguous")
+                at = flat_offset(lay.local_shape, local_box) - base
+                chunks.append(Chunk(prefix + key, entry_box,
+                                    flat[at:at + local_box.numel].view(local_box.sizes)))
+
+    for name, p in params.items():
+        start, end = _share(0, p.numel(), axis.rank, axis.size)
+        add("model/", name, p.detach().reshape(-1), 0, start, end)
+    if optimizer is not None:
+        tensors = {n: t for n, t in _optimizer_tensors(optimizer).items() if n in params}
+        shares = _shares({n: rng for n, (rng, _) in tensors.items()}, axis)
+        for name, ((base, _), flats) in tensors.items():
+            start, end = shares[name]
+            for key in OPTIM_KEYS:
+                add(f"optim/{key}/", name, flats[key], base, start, end)
+    return entries, chunks
+
+
+def stage(chunks: list) -> list:
+    """Host copies of every chunk (for a background write: training goes on changing them)."""
+    return [Chunk(c.key, c.box, c.data.to("cpu", copy=True)) for c in chunks]
+
+
+def chunk_records(chunks: list, rank: int) -> list:
+    """Metadata of the chunks as ``write_chunks`` lays them out in this rank's file."""
+    records, offset = [], 0
+    for c in chunks:
+        records.append({"key": c.key, "offsets": list(c.box.offsets), "sizes": list(c.box.sizes),
+                        "file": shard_file(rank), "byte_offset": offset})
+        offset += c.box.numel * c.data.element_size()
+    return records
+
+
+def metadata(entries_by_rank: list, records_by_rank: list, common_layout: dict) -> dict:
+    entries = {}
+    for part in entries_by_rank:
+        entries.update({k: dict(v, chunks=[]) for k, v in part.items()})
+    files = {}
+    for rank_records, rank_entries in zip(records_by_rank, entries_by_rank):
+        for r in rank_records:
+            entries[r["key"]]["chunks"].append([r["file"], r["byte_offset"], r["offsets"], r["sizes"]])
+            item = math.prod(r["sizes"]) * _DTYPES[entries[r["key"]]["dtype"]].itemsize
+            files[r["file"]] = max(files.get(r["file"], 0), r["byte_offset"] + item)
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": common_layout,
+            "files": files, "entries": entries}
+
+
+# ---------------------------------------------------------------------------------- writing
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_chunks(path: str, chunks: list) -> int:
+    """Write the chunks' bytes, in order, through a bounded host buffer; fsync. Returns bytes."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for c in chunks:
+            flat = c.data.reshape(-1) if c.data.is_contiguous() else c.data.contiguous().reshape(-1)
+            step = max(1, STAGING_BYTES // flat.element_size())
+            for start in range(0, flat.numel(), step):
+                piece = flat[start:start + step]
+                written += _write_all(f, _host_bytes(piece.to("cpu")))
+        os.fsync(f.fileno())
+    return written
+
+
+def _write_all(f, view: memoryview) -> int:
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
+
+
+def write_metadata(path: str, meta: dict):
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- reading
+class Reader:
+    """Byte-range access to a format-2 checkpoint's entries."""
+
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
+        path = os.path.join(ckpt_dir, METADATA_FILE)
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint file {path} is missing")
+        try:
+            with open(path) as f:
+                self.meta = json.load(f)
+            self.entries = self.meta["entries"]
+            files = self.meta["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint file {path} is damaged: {type(e).__name__}: {e}") from None
+        for name, size in files.items():
+            self._check_file(name, size)
+        self._fds: dict = {}
+
+    def _check_file(self, name: str, size: int):
+        path = os.path.join(self.ckpt_dir, name)
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint file {path} is missing")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise ValueError(f"checkpoint file {path} is damaged: {actual} bytes, "
+                             f"{METADATA_FILE} says {size}")
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.entries)
+
+    def entry(self, key: str, what: str) -> dict:
+        if key not in self.entries:
+            raise ValueError(f"checkpoint {self.ckpt_dir} holds no {what}")
+        return self.entries[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.entries[key]["dtype"]
+        if name not in _DTYPES:
+            raise ValueError(f"checkpoint {self.ckpt_dir}: entry {key} has unknown dtype {name!r}")
+        return _DTYPES[name]
+
+    def read_into(self, key: str, want: Box, target: torch.Tensor, what: str):
+        """Fill ``target`` (shaped ``want.sizes``, any device and dtype) with rectangle ``want``
+        of entry ``key``, reading only the bytes that overlap it."""
+        entry = self.entry(key, what)
+        dtype = self.dtype(key)
+        covered = 0
+        for file_name, byte_offset, offsets, sizes in entry["chunks"]:
+            chunk = Box(tuple(offsets), tuple(sizes))
+            common = chunk.intersect(want)
+            if common is None:
+                continue
+            dest = target[common.shifted(tuple(-o for o in want.offsets)).slices()]
+            self._read_rect(file_name, byte_offset, chunk, common, dtype, dest)
+            covered += common.numel
+        if covered != want.numel:
+            raise ValueError(f"checkpoint {self.ckpt_dir} holds only {covered} of the "
+                             f"{want.numel} elements of {what} this rank needs")
+
+    def _fd(self, file_name: str) -> int:
+        if file_name not in self._fds:
+            self._fds[file_name] = os.open(os.path.join(self.ckpt_dir, file_name), os.O_RDONLY)
+        return self._fds[file_name]
+
+    def _read_rect(self, file_name: str, byte_offset: int, chunk: Box, rect: Box,
+                   dtype: torch.dtype, dest: torch.Tensor):
+        """Rows of ``rect`` (inside ``chunk``, stored row-major from ``byte_offset``) into
+        ``dest``, a bounded group of rows at a time."""
+        fd = self._fd(file_name)
+        item = dtype.itemsize
+        rel = tuple(r - c for r, c in zip(rect.offsets, chunk.offsets))
+        row_items = math.prod(rect.sizes[1:])
+        per_group = max(1, STAGING_BYTES // max(1, row_items * item))
+        for first in range(0, rect.sizes[0], per_group):
+            rows = min(per_group, rect.sizes[0] - first)
+            host = torch.empty((rows,) + tuple(rect.sizes[1:]), dtype=dtype, device="cpu")
+            out = host.reshape(-1).view(torch.uint8).numpy()
+            for src, dst, length in _runs(chunk.sizes, rel, (rows,) + tuple(rect.sizes[1:]), first):
+                _pread_all(fd, out[dst * item:(dst + length) * item],
+                           byte_offset + src * item, file_name)
+            dest[first:first + rows].copy_(host)
+
+
+def _runs(chunk_sizes: tuple, rel: tuple, sizes: tuple, first_row: int):
+    """(element offset in the chunk, offset in the output, length) of the contiguous runs that
+    make up ``sizes`` (rows first) starting at row ``rel[0] + first_row`` of a chunk (<= 2-D)."""
+    if len(chunk_sizes) > 2:
+        raise ValueError(f"checkpoint: {len(chunk_sizes)}-D entries are not supported")
+    row0 = rel[0] + first_row
+    if len(chunk_sizes) == 1:
+        return [(row0, 0, sizes[0])]
+    rows, cols = sizes
+    width = chunk_sizes[1]
+    if cols == width:
+        return [(row0 * width, 0, rows * cols)]
+    return [((row0 + r) * width + rel[1], r * cols, cols) for r in range(rows)]
+
+
+def _pread_all(fd: int, out, offset: int, file_name: str):
+    view = memoryview(out)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ValueError(f"checkpoint file {file_name} is damaged: ends before byte "
+                             f"{offset + len(view)}")
+        done += n
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_weights(reader: Reader, model_chunks, pstate, vocab_size: int):
+    with torch.no_grad():
+        for name, p in named_params(model_chunks).items():
+            lay = ParamLayout.of(p, pstate.tp.rank, vocab_size)
+            _check_shapes(reader, "model/", lay, pstate.tp.size)
+            target = p.detach()
+            target.zero_()  # the vocabulary padding rows, which are not stored
+            whole = Box((0,) * p.dim(), tuple(p.shape))
+            for key, entry_box, local_box in lay.pieces(whole):
+                reader.read_into("model/" + key, entry_box, target[local_box.slices()],
+                                 f"weights of {name}")
+
+
+def _check_shapes(reader: Reader, prefix: str, lay: ParamLayout, tp_size: int):
+    for key, shape in lay.entries(tp_size).items():
+        saved = reader.entry(prefix + key, f"{prefix}{key}")["shape"]
+        if tuple(saved) != tuple(shape):
+            raise ConfigError(f"checkpoint {reader.ckpt_dir}: parameter {lay.name} has shape "
+                              f"{tuple(saved)} there and {tuple(shape)} in this run")
+
+
+def load_optimizer(reader: Reader, optimizer, model_chunks, pstate, vocab_size: int):
+    if not reader.has_prefix("optim/"):
+        raise ValueError(f"checkpoint {reader.ckpt_dir} holds no optimizer state "
+                         "(use --no-load-optim)")
+    params = named_params(model_chunks)
+    new_state = {}
+    for name, (start, end) in optimizer.param_ranges().items():
+        lay = ParamLayout.of(params[name], pstate.tp.rank, vocab_size)
+        entry = {"range": (start, end)}
+        for key in OPTIM_KEYS:
+            flat = torch.zeros(end - start, dtype=torch.float32, device="cpu")
+            for box in flat_range_boxes(lay.local_shape, start, end):
+                for ekey, entry_box, local_box in lay.pieces(box):
+                    at = flat_offset(lay.local_shape, local_box) - start
+                    reader.read_into(f"optim/{key}/{ekey}", entry_box,
+                                     flat[at:at + local_box.numel].view(local_box.sizes),
+                                     f"optimizer {key} of {name}")
+            entry[key] = flat
+        new_state[name] = entry
+    optimizer.load_param_state(new_state)
+
+
+def full_tensor(reader: Reader, name: str, key: Optional[str] = None) -> torch.Tensor:
+    """The whole (unpadded) tensor of a parameter, blocks joined: for single-process tools."""
+    prefix = "model/" if key is None else f"optim/{key}/"
+    if prefix + name in reader.entries:
+        keys = [name]
+    else:
+        keys = sorted((k[len(prefix):] for k in reader.entries
+                       if k.startswith(prefix + name + "#")), key=lambda k: int(k.split("#")[-1]))
+        if not keys:
+            raise ValueError(f"checkpoint {reader.ckpt_dir} has no parameter {name}")
+    parts, dim = [], 0
+    for k in keys:
+        dim = reader.entries[prefix + k].get("block", [0, 1, 0])[2]
+        shape = tuple(reader.entries[prefix + k]["shape"])
+        out = torch.empty(shape, dtype=reader.dtype(prefix + k), device="cpu")
+        reader.read_into(prefix + k, Box((0,) * len(shape), shape), out, f"{prefix}{k}")
+        parts.append(out)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

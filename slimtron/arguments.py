@@ -17,8 +17,8 @@ import warnings
 from typing import Optional, Sequence
 
 from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, TrainingConfig, check_post_training,
-                             model_preset)
+                             OptimizerConfig, ParallelConfig, TrainingConfig,
+                             check_checkpointing, check_post_training, model_preset)
 
 # (flag, dest field, argparse options). The dest is the flag's name unless given.
 _MODEL_FLAGS = [
@@ -113,6 +113,11 @@ _TRAINING_FLAGS = [
     ("--no-load-optim", None, dict(action="store_true")),
     ("--no-load-rng", None, dict(action="store_true")),
     ("--finetune", None, dict(action="store_true")),
+    ("--ckpt-format", None, dict(choices=["torch_dist", "torch"],
+                                 help="torch_dist (default): every rank writes its share; "
+                                      "torch: one file per (tp, pp), format 1")),
+    ("--async-save", None, dict(action="store_true", help="write checkpoints in the background "
+                                                         "(torch_dist)")),
     ("--exit-interval", None, dict(type=int)),
     ("--tensorboard-dir", None, dict(type=str)),
     ("--recompute-granularity", None, dict(choices=["full", "selective"])),
@@ -273,6 +278,7 @@ def validate(config: Config, world_size: int, *, check_files: bool = True) -> Co
     _resolve_warmup(config.optim, config.training)
     _check_lengths(config.model)
     check_post_training(config.data, config.training)
+    check_checkpointing(config.training)
     if check_files:
         _check_files(config.data, config.training)
     return config

@@ -160,6 +160,8 @@ class TrainingConfig:
     load: Optional[str] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    ckpt_format: str = "torch_dist"  # torch_dist: per-rank shares (format 2); torch: format 1
+    async_save: bool = False  # write checkpoints in the background (torch_dist only)
     finetune: bool = False
     exit_interval: Optional[int] = None
     tensorboard_dir: Optional[str] = None
@@ -213,6 +215,15 @@ def check_post_training(data: DataConfig, training: TrainingConfig) -> None:
         raise ConfigError(f"--kd-temperature must be positive, got {training.kd_temperature}")
     if not 0.0 <= training.kd_alpha <= 1.0:
         raise ConfigError(f"--kd-alpha must be in [0, 1], got {training.kd_alpha}")
+
+
+def check_checkpointing(training: TrainingConfig) -> None:
+    """--ckpt-format and --async-save (which, as in Megatron, needs torch_dist)."""
+    if training.ckpt_format not in ("torch_dist", "torch"):
+        raise ConfigError(f"--ckpt-format {training.ckpt_format!r}: expected torch_dist or torch")
+    if training.async_save and training.ckpt_format != "torch_dist":
+        raise ConfigError(f"--async-save needs --ckpt-format torch_dist, not "
+                          f"{training.ckpt_format}")
 
 
 def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:

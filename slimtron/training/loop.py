@@ -21,7 +21,8 @@ from slimtron.parallel.state import ParallelState
 from slimtron.training.data import microbatches_for
 from slimtron.training.metrics import (IterationLog, TensorBoard, ThroughputWindow, log,
                                        validation_block)
-from slimtron.training.setup import Engine, TrainState, save, setup, shutdown_distributed
+from slimtron.training.setup import (Engine, TrainState, finish_saving, save, setup,
+                                     shutdown_distributed)
 
 
 # --------------------------------------------------------------------------------------- step
@@ -156,6 +157,7 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
         if t.exit_interval and s.iteration % t.exit_interval == 0:
             log(pstate, f" exiting at iteration {s.iteration} (--exit-interval {t.exit_interval})")
             break
+    finish_saving(engine)
     return s
 
 
@@ -204,6 +206,7 @@ def pretrain(config: Config) -> TrainState:
         train(engine)
         if t.save and (not t.save_interval or engine.state.iteration % t.save_interval != 0):
             save(engine)
+            finish_saving(engine)
         if t.eval_interval and engine.available[2]:
             loss = evaluate(engine, engine.datasets[2], t.eval_iters)
             log_validation(engine, "the end of training for test data", loss,

@@ -46,6 +46,7 @@ class Engine:
     params_dtype: torch.dtype
     num_microbatches: int
     available: tuple = (False, False, False)  # which splits exist (same on every rank)
+    async_saver: Optional[checkpointing.AsyncSaver] = None  # --async-save, made at first save
 
 
 def build_tokenizer_for(config: Config):
@@ -124,12 +125,26 @@ def load(engine: Engine):
 def save(engine: Engine):
     t = engine.config.training
     s = engine.state
-    path = checkpointing.save_checkpoint(
-        t.save, s.iteration, engine.model_chunks, engine.optimizer, engine.pstate, engine.config,
-        s.consumed_train_samples,
-        extra={"skipped_iterations": s.skipped_iterations, "nan_iterations": s.nan_iterations},
-        rng_tracker=engine.model_chunks[0].rng_tracker)
-    log(engine.pstate, f" saved checkpoint at iteration {s.iteration:7d} to {path}")
+    args = (t.save, s.iteration, engine.model_chunks, engine.optimizer, engine.pstate,
+            engine.config, s.consumed_train_samples)
+    kw = dict(extra={"skipped_iterations": s.skipped_iterations,
+                     "nan_iterations": s.nan_iterations},
+              rng_tracker=engine.model_chunks[0].rng_tracker)
+    if t.async_save:
+        if engine.async_saver is None:
+            engine.async_saver = checkpointing.AsyncSaver()
+        path = engine.async_saver.save(*args, **kw)
+        log(engine.pstate, f" saving checkpoint at iteration {s.iteration:7d} to {path} in the "
+                           "background")
+    else:
+        path = checkpointing.save_checkpoint(*args, **kw, ckpt_format=t.ckpt_format)
+        log(engine.pstate, f" saved checkpoint at iteration {s.iteration:7d} to {path}")
+
+
+def finish_saving(engine: Engine):
+    """Wait for a background (--async-save) checkpoint to be committed."""
+    if engine.async_saver is not None:
+        engine.async_saver.wait()
 
 
 def shutdown_distributed():

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from slimtron.config import Config, ConfigError
 from slimtron.flops import device_peak, flops_per_token, mfu
+from slimtron.parallel import comm
 from slimtron.parallel.finalize_grads import finalize_model_grads
 from slimtron.parallel.pipeline import forward_backward
 from slimtron.parallel.state import ParallelState
@@ -29,6 +30,7 @@ from slimtron.training.setup import (Engine, TrainState, finish_saving, save, se
 def make_forward_step(engine: Engine, loss_scale: float):
     """The closure the pipeline executor calls for one (chunk, micro-batch)."""
     n = engine.num_microbatches
+    cp = engine.pstate.cp
 
     def forward_step(chunk_index: int, batch: Optional[dict], input_tensor):
         model = engine.model_chunks[chunk_index]
@@ -40,22 +42,27 @@ def make_forward_step(engine: Engine, loss_scale: float):
         if not model.post_process:
             return out
         mask = batch["loss_mask"].float()
-        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        # A cp rank holds part of each sequence: it divides by the whole sequence's token count
+        # and scales by cp, since grads and the logged loss are averaged over dp x cp.
+        count = comm.all_reduce(mask.sum(), cp.group)
+        loss = (out.float() * mask).sum() * cp.size / count.clamp(min=1.0)
         return loss * (loss_scale / n)
 
     return forward_step
 
 
 def activation_shape(config: Config, pstate: ParallelState) -> tuple:
-    seq = config.model.seq_length
+    seq = config.model.seq_length // pstate.cp.size
     if config.parallel.sequence_parallel:
         seq //= pstate.tp.size
     return seq, config.training.micro_batch_size, config.model.hidden_size
 
 
-def run_batch(engine: Engine, microbatches: list, forward_only: bool) -> Optional[float]:
+def run_batch(engine: Engine, microbatches: list, forward_only: bool) -> Optional[torch.Tensor]:
     """Forward (and backward) of one global batch; the mean loss over DP on every rank of the
-    last stage (None elsewhere)."""
+    last stage (None elsewhere), as a 0-dim fp32 tensor on the device: reading it is a sync.
+    Each cp rank's loss is its share times cp (make_forward_step), so the mean over dp x cp is
+    the mean over DP."""
     scale = 1.0 if forward_only else engine.optimizer.loss_scale
     losses = forward_backward(engine.model_chunks, make_forward_step(engine, scale), microbatches,
                               engine.pstate, activation_shape(engine.config, engine.pstate),
@@ -63,10 +70,11 @@ def run_batch(engine: Engine, microbatches: list, forward_only: bool) -> Optiona
     if not engine.pstate.is_last_stage:
         return None
     total = torch.stack([l.float() for l in losses]).sum() / scale
-    if engine.pstate.dp.group is not None:
-        dist.all_reduce(total, group=engine.pstate.dp.group)
-        total /= engine.pstate.dp.size
-    return total.item()
+    replicas = engine.pstate.dp_cp
+    if replicas.group is not None:
+        dist.all_reduce(total, group=replicas.group)
+        total /= replicas.size
+    return total
 
 
 def finalize_grads(engine: Engine):
@@ -82,13 +90,24 @@ def train_step(engine: Engine, microbatches: list):
     return loss, ok, grad_norm
 
 
-def broadcast_from_last_stage(value: Optional[float], pstate: ParallelState) -> float:
-    """Every rank learns the last stage's loss (for NaN checks and checkpoint decisions)."""
-    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64,
-                     device=pstate.device)
+def broadcast_from_last_stage(value: Optional[torch.Tensor], pstate: ParallelState) -> torch.Tensor:
+    """Every rank learns the last stage's loss (for NaN checks and checkpoint decisions), as a
+    0-dim fp64 tensor on the device (no sync)."""
+    if value is not None:
+        t = value.detach().reshape(1).to(torch.float64)
+    else:
+        t = torch.zeros(1, dtype=torch.float64, device=pstate.device)
     if pstate.pp.group is not None:
         dist.broadcast(t, src=pstate.pp.ranks[-1], group=pstate.pp.group)
-    return t.item()
+    return t[0]
+
+
+def read_step_scalars(loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> tuple:
+    """(loss, grad norm or None) as floats with one device->host sync for both."""
+    if grad_norm is None:
+        return loss.item(), None
+    values = torch.stack([loss, grad_norm.to(loss.dtype)]).tolist()
+    return values[0], values[1]
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -97,7 +116,7 @@ def evaluate(engine: Engine, dataset, num_iters: int, first_sample: int = 0) -> 
     for chunk in engine.model_chunks:
         chunk.eval()
     gbs = engine.config.training.global_batch_size
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=engine.pstate.device)
     with torch.no_grad():
         for i in range(num_iters):
             mbs = microbatches_for(dataset, first_sample + i * gbs, engine.config, engine.pstate,
@@ -106,7 +125,7 @@ def evaluate(engine: Engine, dataset, num_iters: int, first_sample: int = 0) -> 
             total += broadcast_from_last_stage(loss, engine.pstate)
     for chunk in engine.model_chunks:
         chunk.train()
-    return total / max(num_iters, 1)
+    return total.item() / max(num_iters, 1)
 
 
 def log_validation(engine: Engine, label: str, loss: float, tb: TensorBoard):
@@ -141,7 +160,8 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
         s.iteration += 1
         s.consumed_train_samples += t.global_batch_size
         window.add(t.global_batch_size * config.model.seq_length)
-        loss_all = broadcast_from_last_stage(loss, pstate)
+        # The step's one read of device values: the loss (NaN accounting) with the grad norm.
+        loss_all, grad_norm = read_step_scalars(broadcast_from_last_stage(loss, pstate), grad_norm)
         _account(engine, ok, loss_all)
         if on_iteration is not None:
             on_iteration(s.iteration, loss_all, grad_norm)

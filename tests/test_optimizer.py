@@ -175,7 +175,8 @@ def _norm_worker(rank, world):
         param.shared_embedding = shared
         params.append(param)
         grads.append(grad.clone())
-    norm = clip_grad_norm(params, grads, 1.0, pstate).item()
+    norm = clip_grad_norm(params, grads, 1.0, pstate.model.group, tp_rank=pstate.tp.rank,
+                          first_stage=pstate.is_first_stage).item()
     coefficient = 1.0 / (norm + 1e-6)
     local = [full[n] if d is None else full[n].chunk(2, d)[pstate.tp_rank] for n, d, _ in layout]
     expected = [g * coefficient for g in local]

@@ -16,26 +16,27 @@ import torch
 from slimtron.parallel import comm
 
 
-def counts_in_norm(param: torch.Tensor, pstate) -> bool:
+def counts_in_norm(param: torch.Tensor, tp_rank: int, first_stage: bool) -> bool:
     """Whether this rank's copy of ``param`` contributes to the global gradient norm."""
-    if getattr(param, "shared_embedding", False) and not pstate.is_first_stage:
+    if getattr(param, "shared_embedding", False) and not first_stage:
         return False
-    return bool(getattr(param, "tensor_model_parallel", False)) or pstate.tp_rank == 0
+    return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
 
-def global_grad_norm(params: list, grads: list, pstate, sum_over_dp: bool = False) -> torch.Tensor:
+def global_grad_norm(params: list, grads: list, model_group, shard_group=None, *,
+                     tp_rank: int = 0, first_stage: bool = True) -> torch.Tensor:
     """L2 norm of the whole model's gradient as a 0-dim fp32 tensor on the gradients' device (no
-    host sync); ``grads[i]`` is the (local part of) ``params[i]``'s gradient. Collective over the
-    model-parallel group (and the DP group with ``sum_over_dp``)."""
-    counted = [g for p, g in zip(params, grads) if counts_in_norm(p, pstate)]
-    device = grads[0].device if grads else pstate.device
+    host sync); ``grads[i]`` is the (local part of) ``params[i]``'s gradient. The squared norm is
+    summed over ``model_group`` (one replica's ranks: ``pstate.model.group``) and, when grads are
+    sharded (the distributed optimizer, over ``pstate.dp_cp.group``), over ``shard_group``."""
+    counted = [g for p, g in zip(params, grads) if counts_in_norm(p, tp_rank, first_stage)]
+    device = grads[0].device if grads else params[0].device
     squared = torch.zeros(1, dtype=torch.float32, device=device)
     if counted:
         # One foreach launch for every tensor's norm, whatever their number.
         squared += torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
-    comm.all_reduce(squared, pstate.mp_group)
-    if sum_over_dp:  # the distributed optimizer's shards span data x context parallel
-        comm.all_reduce(squared, pstate.dp_cp.group)
+    comm.all_reduce(squared, model_group)
+    comm.all_reduce(squared, shard_group)
     return squared.sqrt().reshape(())
 
 
@@ -48,10 +49,11 @@ def clip_grads_by_norm(grads: list, max_norm: float, total_norm: torch.Tensor) -
     torch._foreach_mul_(grads, coefficient)
 
 
-def clip_grad_norm(params: list, grads: list, max_norm: float, pstate,
-                   sum_over_dp: bool = False) -> torch.Tensor:
+def clip_grad_norm(params: list, grads: list, max_norm: float, model_group, shard_group=None,
+                   *, tp_rank: int = 0, first_stage: bool = True) -> torch.Tensor:
     """Clip ``grads`` to a global L2 norm of ``max_norm``; returns the norm before clipping (a
-    0-dim device tensor: reading it is the caller's sync)."""
-    total_norm = global_grad_norm(params, grads, pstate, sum_over_dp)
+    0-dim device tensor: reading it is the caller's sync). Arguments as ``global_grad_norm``."""
+    total_norm = global_grad_norm(params, grads, model_group, shard_group, tp_rank=tp_rank,
+                                  first_stage=first_stage)
     clip_grads_by_norm(grads, max_norm, total_norm)
     return total_norm

@@ -190,8 +190,11 @@ class MixedPrecisionOptimizer:
         return self.grads.params[0].device
 
     def _clip(self) -> torch.Tensor:
+        ps = self.pstate
         return clip_grad_norm([s.model_param for s in self.shards], self._main_grads(),
-                              self.config.clip_grad, self.pstate, self.sum_norm_over_dp)
+                              self.config.clip_grad, ps.model.group,
+                              ps.dp_cp.group if self.sum_norm_over_dp else None,
+                              tp_rank=ps.tp.rank, first_stage=ps.is_first_stage)
 
     def _update(self) -> None:
         self._lr = self.scheduler.get_lr()

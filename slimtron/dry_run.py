@@ -111,8 +111,12 @@ def meta_microbatch(config: Config, device=META) -> dict:
             "position_ids": torch.zeros(b, s, dtype=torch.long, device=device)}
 
 
-def chunk_activations(engine: Engine, chunk_index: int, batch: dict) -> tuple[int, int]:
-    """(bytes one micro-batch leaves saved on a chunk, the most extra during its backward)."""
+def chunk_activations(engine: Engine, chunk_index: int, batch: dict) -> tuple[int, float]:
+    """(bytes one micro-batch leaves saved on a chunk, the most extra during its backward).
+
+    torch.utils.checkpoint keeps what a backward recomputes outside the saved-tensor hooks, so
+    that working set (one checkpointed group of layers) comes from the closed form, whose layer
+    bytes tests/test_memory.py checks against measured layers."""
     from slimtron.training.loop import activation_shape, make_forward_step
 
     model = engine.model_chunks[chunk_index]
@@ -127,7 +131,10 @@ def chunk_activations(engine: Engine, chunk_index: int, batch: dict) -> tuple[in
         out = forward_step(chunk_index, batch, hidden)
         kept = saved.live
         out.backward(torch.ones_like(out))
-    return kept, saved.peak - kept
+    spec = memory.activation_spec(engine.config)
+    working_set = memory.chunk_layer_bytes(engine.config.model, spec,
+                                           len(model.decoder.layers))[1]
+    return kept, working_set
 
 
 def rank_memory(engine: Engine, config: Config) -> memory.StageMemory:
@@ -140,11 +147,14 @@ def rank_memory(engine: Engine, config: Config) -> memory.StageMemory:
     peak, in_flight = memory.schedule_activation_peak(
         pstate.pp.size, pstate.pp.rank, engine.num_microbatches, len(engine.model_chunks),
         kept, extra)
+    saved, _ = memory.schedule_activation_peak(
+        pstate.pp.size, pstate.pp.rank, engine.num_microbatches, len(engine.model_chunks),
+        kept, [0.0] * len(kept))
     for chunk in engine.model_chunks:  # the dry run's backward must not look like a real step's
         chunk.zero_grad(set_to_none=True)
     parameters = sum(p.numel() for chunk in engine.model_chunks for p in chunk.parameters())
     return memory.StageMemory(pstate.pp.rank, pstate.rank, parameters, weights, grads, optimizer,
-                              peak, in_flight)
+                              peak, in_flight, saved)
 
 
 def report(config: Config, world_size: int, stages: list, as_json: bool = False) -> str:

@@ -188,6 +188,8 @@ def layer_activation_bytes(model, spec: ActivationSpec) -> float:
 
 def checkpointed_layers(num_layers: int, spec: ActivationSpec) -> tuple[int, int]:
     """Full recomputation of a chunk of ``num_layers`` layers: (checkpoints kept, layers kept whole)."""
+    # (The working set a backward recomputes is held by torch.utils.checkpoint outside autograd's
+    # saved-tensor hooks: SavedActivations cannot see it, so it comes from this closed form.)
     n = spec.recompute_num_layers
     if spec.recompute_method == "uniform":
         return math.ceil(num_layers / n), 0
@@ -232,7 +234,8 @@ def output_bytes(model, spec: ActivationSpec) -> float:
     vocab = model.padded_vocab_size(spec.tp) / spec.tp
     output_input = spec.local_tokens * model.hidden_size * spec.element_size
     cross_entropy = spec.tokens * (4.0 * vocab + 8 + 1)
-    return _norm_bytes(model, spec) + output_input + cross_entropy
+    loss_mask = 4.0 * spec.tokens  # fp32, kept by the masked average of the per-token loss
+    return loss_mask + _norm_bytes(model, spec) + output_input + cross_entropy
 
 
 def chunk_activation_bytes(model, spec: ActivationSpec, num_layers: int, *, pre_process: bool,
@@ -350,9 +353,10 @@ class StageMemory:
     weights: float
     grads: float
     optimizer: float
-    activations: float
+    activations: float  # the schedule's peak, with the recomputation working set
     in_flight: int
-    notes: list = field(default_factory=list)
+    saved_activations: float = 0.0  # the same peak without it: what saved-tensor hooks see
+
 
     @property
     def peak(self) -> float:
@@ -362,4 +366,79 @@ class StageMemory:
         return {"stage": self.stage, "rank": self.rank, "parameters": self.parameters,
                 "weights": int(self.weights), "grads": int(self.grads),
                 "optimizer": int(self.optimizer), "activations": int(self.activations),
-                "in_flight": self.in_flight, "peak": int(self.peak)}
+                "saved_activations": int(self.saved_activations), "in_flight": self.in_flight,
+                "peak": int(self.peak)}
+
+
+# ---- the closed form of a whole rank (model_summary, plan_layout) ------------------------------
+
+def layer_parameters(model, tp: int) -> int:
+    """Parameters of one transformer layer on one tensor-parallel rank."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * model.kv_channels
+    proj_in = model.num_attention_heads * model.kv_channels
+    fc1 = (2 if model.swiglu else 1) * f
+    count = (qkv * h + proj_in * h + fc1 * h + f * h) // tp
+    norm = h if model.normalization == "RMSNorm" else 2 * h
+    count += 2 * norm
+    if model.add_bias_linear:
+        count += (qkv + fc1) // tp + 2 * h
+    elif model.add_qkv_bias:
+        count += qkv // tp
+    return count
+
+
+def chunk_parameters(model, tp: int, num_layers: int, *, pre_process: bool,
+                     post_process: bool) -> int:
+    """Parameters of one model chunk on one tensor-parallel rank (as ``GPTModel`` builds it)."""
+    vocab = model.padded_vocab_size(tp) * model.hidden_size // tp
+    count = num_layers * layer_parameters(model, tp)
+    if pre_process or (post_process and model.tied_embeddings):
+        count += vocab
+    if pre_process and model.position_embedding_type == "learned_absolute":
+        count += model.max_position_embeddings * model.hidden_size
+    if post_process:
+        count += model.hidden_size * (1 if model.normalization == "RMSNorm" else 2)
+        count += 0 if model.tied_embeddings else vocab
+    return count
+
+
+def activation_spec(config) -> ActivationSpec:
+    t = config.training
+    return ActivationSpec(config.model.seq_length, t.micro_batch_size, tp=config.parallel.tp,
+                          sequence_parallel=config.parallel.sequence_parallel,
+                          recompute=t.recompute_granularity,
+                          recompute_method=t.recompute_method or "uniform",
+                          recompute_num_layers=t.recompute_num_layers or 1,
+                          element_size=2 if (config.optim.bf16 or config.optim.fp16) else 4)
+
+
+def state_spec(config) -> StateSpec:
+    p = config.parallel
+    return StateSpec(low_precision=config.optim.bf16 or config.optim.fp16,
+                     distributed_optimizer=p.use_distributed_optimizer,
+                     dp=(p.data_parallel_size or 1) * p.cp)
+
+
+def plan_stage(config, stage: int, num_microbatches: int) -> StageMemory:
+    """The closed-form memory of a rank of pipeline stage ``stage`` (config validated)."""
+    model, p = config.model, config.parallel
+    v = p.virtual_pipeline_size(model.num_layers)
+    per_chunk = model.num_layers // (p.pp * v)
+    spec = activation_spec(config)
+    params, kept, extra = 0, [], []
+    for c in range(v):
+        ends = dict(pre_process=stage == 0 and c == 0, post_process=stage == p.pp - 1 and c == v - 1)
+        params += chunk_parameters(model, p.tp, per_chunk, **ends)
+        chunk_kept, chunk_extra = chunk_activation_bytes(model, spec, per_chunk, **ends)
+        kept.append(chunk_kept)
+        extra.append(chunk_extra)
+    activations, in_flight = schedule_activation_peak(p.pp, stage, num_microbatches, v, kept, extra)
+    saved, _ = schedule_activation_peak(p.pp, stage, num_microbatches, v, kept, [0.0] * v)
+    weights, grads, optimizer = state_bytes(params, state_spec(config))
+    return StageMemory(stage, -1, params, weights, grads, optimizer, activations, in_flight, saved)
+
+
+def num_microbatches(config) -> int:
+    t, p = config.training, config.parallel
+    return t.global_batch_size // (t.micro_batch_size * p.data_parallel_size)

@@ -100,3 +100,93 @@ def test_saved_activations_counts_each_storage_once():
     assert saved.peak == saved.live == saved.total
     z.sum().backward()
     assert saved.live == 0 and saved.peak == saved.total
+
+
+# ---- the dry run's prediction against a real step, per rank -----------------------------------
+
+from slimtron.config import Config, OptimizerConfig, ParallelConfig, TrainingConfig  # noqa: E402
+from slimtron.dry_run import build_rank, dry_run, meta_microbatch  # noqa: E402
+
+WORLD = 4
+# name: (tp, pp, layers per virtual stage, SP, distributed optimizer, recompute, method, layers)
+LAYOUTS = {
+    "tp2-pp2-sp": (2, 2, None, True, False, None, None, None),
+    "tp2-dp2-sp-distopt-selective": (2, 1, None, True, True, "selective", None, None),
+    "pp2-dp2-distopt-full-uniform": (1, 2, None, False, True, "full", "uniform", 2),
+    "pp4-interleaved": (1, 4, 1, False, False, None, None, None),
+    "dp4-distopt": (1, 1, None, False, True, None, None, None),
+    "tp2-pp2-interleaved-sp-full-block": (2, 2, 2, True, False, "full", "block", 1),
+}
+
+
+def layout_config(name: str) -> Config:
+    tp, pp, per_virtual, sp, dist_opt, recompute, method, n = LAYOUTS[name]
+    model = dataclasses.replace(LLAMA, num_layers=8, seq_length=128, max_position_embeddings=128,
+                                hidden_size=64,
+                                ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2)
+    dp = WORLD // (tp * pp)
+    return Config(model=model,
+                  parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp,
+                                          num_layers_per_virtual_pipeline_stage=per_virtual,
+                                          sequence_parallel=sp, use_distributed_optimizer=dist_opt),
+                  optim=OptimizerConfig(bf16=True, lr_decay_style="constant"),
+                  training=TrainingConfig(micro_batch_size=2, global_batch_size=2 * dp * 4,
+                                          recompute_granularity=recompute,
+                                          recompute_method=method, recompute_num_layers=n))
+
+
+def _measure_layouts(rank, world):
+    """(weights, grads, optimizer, activation peak) of this rank after one real step per layout."""
+    from slimtron.arguments import validate
+    from slimtron.training.loop import train_step
+
+    results = {}
+    for name in LAYOUTS:
+        config = validate(layout_config(name), world, check_files=False)
+        engine = build_rank(config, torch.device("cpu"))
+        pstate = engine.pstate
+        reads_data = pstate.is_first_stage or pstate.is_last_stage
+        batches = [meta_microbatch(config, torch.device("cpu")) if reads_data else None
+                   for _ in range(engine.num_microbatches)]
+        params = [p for chunk in engine.model_chunks for p in chunk.parameters()]
+        with memory.SavedActivations(exclude=params) as saved:
+            _, ok, _ = train_step(engine, batches)
+        assert ok and saved.live == 0
+        state = memory.measured_state_bytes(engine.model_chunks, engine.grads, engine.optimizer)
+        results[name] = (*state, saved.peak)
+    return results
+
+
+@pytest.fixture(scope="module")
+def layouts_measured():
+    return run_distributed(_measure_layouts, WORLD)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_dry_run_predicts_every_rank_of_a_real_step(layouts_measured, name):
+    config = layout_config(name)
+    for rank in range(WORLD):
+        (predicted,) = dry_run(layout_config(name), WORLD, rank)
+        weights, grads, optimizer, activations = layouts_measured[rank][name]
+        assert (predicted.weights, predicted.grads) == (weights, grads)
+        assert predicted.optimizer == optimizer
+        assert predicted.saved_activations == pytest.approx(activations, rel=0.05), f"rank {rank}"
+        saved_peak = predicted.peak - predicted.activations + predicted.saved_activations
+        assert saved_peak == pytest.approx(weights + grads + optimizer + activations, rel=0.05)
+    assert config.parallel.tp * config.parallel.pp <= WORLD
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_closed_form_predicts_every_rank_of_a_real_step(layouts_measured, name):
+    """The planner's model (no model built) against the same real steps."""
+    from slimtron.arguments import validate
+
+    config = validate(layout_config(name), WORLD, check_files=False)
+    ranks_per_stage = WORLD // config.parallel.pp
+    for rank in range(WORLD):
+        planned = memory.plan_stage(config, rank // ranks_per_stage, memory.num_microbatches(config))
+        weights, grads, optimizer, activations = layouts_measured[rank][name]
+        assert planned.saved_activations == pytest.approx(activations, rel=0.05), f"rank {rank}"
+        saved_peak = planned.peak - planned.activations + planned.saved_activations
+        assert saved_peak == pytest.approx(weights + grads + optimizer + activations, rel=0.05)

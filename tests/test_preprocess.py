@@ -133,16 +133,17 @@ BAD_LINES = [  # (line, reason); each is a separate kind
 
 def test_bad_lines_are_counted_or_stop_a_strict_run(tmp_path, tokenizer):
     good = [{"text": f"good document {i}", "meta": {"redpajama_set_name": "a"}} for i in range(4)]
-    empty = {"text": " \n ", "meta": {"redpajama_set_name": "a"}}
+    empty = {"text": "", "meta": {"redpajama_set_name": "a"}}
     lines = [good[0], good[1], empty, b"", *[b for b, _ in BAD_LINES], good[2], good[3]]
     corpus = write_jsonl(tmp_path / "bad.jsonl", lines)
     proc = preprocess(corpus, tmp_path / "lenient", "--split-by-meta", SPLIT_KEY)
     assert f"skipped {len(BAD_LINES)} bad lines" in proc.stdout
     for lineno, (_, reason) in enumerate(BAD_LINES, start=5):
         assert f"{corpus}:{lineno}: {reason}\n" in proc.stdout
-    assert "skipped 1 empty documents" in proc.stdout
+    assert "1 documents without tokens (written empty" in proc.stdout
     ds = IndexedDataset(str(tmp_path / "lenient_a_text_document"))
     assert [tokenizer.detokenize(ds[i]) for i in range(len(ds))] == [g["text"] for g in good]
+    assert ds.num_documents == 5  # the empty text is a document without sequences (as Megatron)
 
     strict = preprocess(corpus, tmp_path / "strict", "--split-by-meta", SPLIT_KEY, "--strict",
                         "--workers", 2, "--lines-per-batch", 2, check=False)
@@ -163,6 +164,38 @@ def test_gzip_zst_and_glob_inputs_match_plain(tmp_path, records):
     assert f"total: {len(records)} documents" in proc.stdout
     assert read_files(tmp_path / "plain_text_document") == \
         read_files(tmp_path / "packed_text_document")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_truncated_compressed_input_stops_the_run(tmp_path, records, capsys, suffix):
+    """A download cut short: an error naming the file, exit 2, and no output left behind."""
+    whole = write_jsonl(tmp_path / f"whole{suffix}", records)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) * 2 // 3])
+    assert preprocess_data.main(preprocess_args(cut, tmp_path / "out", "--append-eod")) == 2
+    err = capsys.readouterr().err
+    assert f"{cut}: cannot read" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.glob("out*")) == []
+    # Several complete frames back to back are one valid input.
+    if suffix == ".jsonl.zst":
+        two = write_jsonl(tmp_path / "a.jsonl.zst", records[:20]).read_bytes() + \
+            write_jsonl(tmp_path / "b.jsonl.zst", records[20:]).read_bytes()
+        (tmp_path / "two.jsonl.zst").write_bytes(two)
+        assert preprocess_data.main(preprocess_args(tmp_path / "two.jsonl.zst",
+                                                    tmp_path / "two")) == 0
+        assert len(IndexedDataset(str(tmp_path / "two_text_document"))) == len(records)
+
+
+def test_tokenizer_that_is_not_one_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "bogus.model").write_bytes(b"\x00garbage")
+    args = ["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o"),
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+            str(tmp_path / "bogus.model")]
+    assert preprocess_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'bogus.model'}: not a sentencepiece model" in err
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.glob("o_*")) == []
 
 
 def test_unusable_inputs_fail_with_one_line(tmp_path, capsys):

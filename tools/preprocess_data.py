@@ -6,11 +6,18 @@ output ``{output_prefix}_{key}_document`` (with ``--split-by-meta``, of
 ``{output_prefix}_{value}_{key}_document``, one corpus per value of that dotted key). Inputs may be
 ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` files or globs; blank lines are ignored.
 
+Each document is written as Megatron-LM's tools/preprocess_data.py writes it (without
+``--split-sentences``): the tokenizer's ids, then eod under ``--append-eod`` unless the document has
+no tokens; a document with no tokens is an empty document. For the same input, flags and tokenizer
+the .bin/.idx pair is byte-identical to Megatron-LM's.
+
 Worker processes tokenize batches of lines; the main process writes their results in input order
 through the C++ builder, so the output does not depend on ``--workers``. Lines that cannot be used
 (not UTF-8, not JSON, not an object, a missing key, a non-string value) are skipped and reported,
-or stop the run under ``--strict``. Outputs are written under temporary names and renamed only when
-every output is complete: a failed or killed run leaves nothing that looks like a finished corpus.
+or stop the run under ``--strict`` (Megatron-LM's script stops at the first). A compressed input
+that is corrupt or cut short stops the run naming the file. Outputs are written under temporary
+names and renamed only when every output is complete: a failed or killed run leaves nothing that
+looks like a finished corpus.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ except ImportError:  # only .zst inputs need it
 
 from slimtron.config import ConfigError
 from slimtron.data.indexed_dataset import IndexedDatasetBuilder, best_token_dtype
-from slimtron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from slimtron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, resolve_tokenizer_type
 
 BATCH_BYTES = 256 * 1024
 REPORTED_BAD_LINES = 10
@@ -73,11 +80,56 @@ def open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".zst"):
         if zstandard is None:
             raise ConfigError(f"--input {path}: reading .zst needs the zstandard package")
-        raw = open(path, "rb")
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                            closefd=True)
-        return io.BufferedReader(stream, buffer_size=1 << 20)
+        return io.BufferedReader(ZstdFramesReader(open(path, "rb")), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
+
+
+class ZstdFramesReader(io.RawIOBase):
+    """The decompressed bytes of one or more concatenated zstd frames. Unlike zstandard's
+    stream_reader, input that ends inside a frame (a download cut short) is an EOFError, not a
+    quiet end of data."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressor of the frame being read; None between frames
+        self._pending = b""  # compressed bytes not yet given to a frame
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            if not self._decompress_more():
+                return 0
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _decompress_more(self) -> bool:
+        """Adds to self._out; False at a clean end of input (between frames)."""
+        if not self._pending:
+            self._pending = self._raw.read(self.CHUNK)
+            if not self._pending:
+                if self._frame is not None:
+                    raise EOFError("compressed data ends inside a zstd frame (truncated file)")
+                return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        data, self._pending = self._pending, b""
+        self._out += self._frame.decompress(data)
+        if self._frame.eof:
+            self._pending = self._frame.unused_data
+            self._frame = None
+        return True
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 @dataclass
@@ -112,10 +164,27 @@ def _file_batches(file_index: int, path: str, batch_lines: int) -> Iterator[Batc
 
 # -------------------------------------------------------------------------------------- tokenizing
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What builds the tokenizer (Megatron's tokenizer flags); pickled to the workers."""
+    tokenizer_type: str
+    tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    vocab_size: Optional[int] = None
+    tiktoken_pattern: Optional[str] = None
+
+    @property
+    def names(self) -> str:
+        return self.tokenizer_model or self.vocab_file or self.tokenizer_type
+
+
 @functools.lru_cache(maxsize=None)
-def load_tokenizer(tokenizer_type: str, tokenizer_model: str):
+def load_tokenizer(spec: TokenizerSpec):
     """One tokenizer per process (workers load theirs on their first batch)."""
-    return build_tokenizer(tokenizer_type, tokenizer_model)
+    return build_tokenizer(spec.tokenizer_type, spec.tokenizer_model, vocab_file=spec.vocab_file,
+                           merge_file=spec.merge_file, vocab_size=spec.vocab_size,
+                           tiktoken_pattern=spec.tiktoken_pattern)
 
 
 def lookup_dotted(obj: dict, dotted: str):
@@ -165,7 +234,7 @@ class BatchResult:
     file_index: int
     nbytes: int = 0
     documents: int = 0  # documents written, over all outputs
-    empty: int = 0  # (line, key) pairs skipped as empty
+    empty: int = 0  # documents written without tokens (text the tokenizer turns into nothing)
     bad: list = field(default_factory=list)  # (line number, reason)
     outputs: dict = field(default_factory=dict)  # (split value, key) -> OutputChunk
 
@@ -173,15 +242,14 @@ class BatchResult:
 @dataclass
 class Encoder:
     """Turns a batch of lines into token arrays; pickled to the workers (without its tokenizer)."""
-    tokenizer_type: str
-    tokenizer_model: str
+    tokenizer: TokenizerSpec
     keys: list
     split_key: Optional[str]
     append_eod: bool
     dtype: np.dtype
 
     def encode_batch(self, batch: Batch) -> BatchResult:
-        tokenizer = load_tokenizer(self.tokenizer_type, self.tokenizer_model)
+        tokenizer = load_tokenizer(self.tokenizer)
         result = BatchResult(batch.file_index)
         for lineno, line in enumerate(batch.lines, batch.first_line):
             result.nbytes += len(line)
@@ -193,12 +261,11 @@ class Encoder:
                 result.bad.append((lineno, str(bad)))
                 continue
             for key, text in texts.items():
-                if not text.strip():
-                    result.empty += 1
-                    continue
                 result.documents += 1
-                ids = tokenizer.tokenize(text)
-                if self.append_eod:
+                ids = list(tokenizer.tokenize(text))
+                if not ids:
+                    result.empty += 1
+                elif self.append_eod:  # Megatron: no eod after a document without tokens
                     ids.append(tokenizer.eod)
                 chunk = result.outputs.setdefault((split_value, key), OutputChunk())
                 chunk.tokens.extend(ids)
@@ -256,7 +323,8 @@ class Outputs:
             builder = self._builder(*ident)
             start = 0
             for length in chunk.lengths.tolist():
-                builder.add_document(chunk.tokens[start:start + length])
+                # A document without tokens has no sequence at all, as Megatron writes it.
+                builder.add_document(chunk.tokens[start:start + length], [length] if length else [])
                 start += length
             self.documents[ident] += len(chunk.lengths)
             self.tokens[ident] += len(chunk.tokens)
@@ -294,12 +362,13 @@ class Progress:
 
 def run(args) -> tuple[Outputs, Progress]:
     paths = expand_inputs(args.input)
-    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                         args.merge_file, args.vocab_size, args.tiktoken_pattern)
+    tokenizer = load_tokenizer(spec)
     if args.append_eod and tokenizer.eod is None:
-        raise ConfigError(f"--append-eod: tokenizer {args.tokenizer_model} has no eod token")
+        raise ConfigError(f"--append-eod: tokenizer {spec.names} has no eod token")
     dtype = best_token_dtype(tokenizer.vocab_size)
-    encoder = Encoder(args.tokenizer_type, args.tokenizer_model, args.json_keys,
-                      args.split_by_meta, args.append_eod, dtype)
+    encoder = Encoder(spec, args.json_keys, args.split_by_meta, args.append_eod, dtype)
     outputs = Outputs(args.output_prefix, dtype)
     progress = Progress(next_log=args.log_interval)
     pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
@@ -347,7 +416,7 @@ def print_summary(outputs: Outputs, progress: Progress) -> None:
     print(f"total: {progress.documents} documents, {progress.tokens} tokens, "
           f"{progress.nbytes / 1e6:.2f} MB in {time.monotonic() - progress.start:.1f} s "
           f"({progress.rates()})")
-    print(f"skipped {progress.empty} empty documents")
+    print(f"{progress.empty} documents without tokens (written empty, as Megatron-LM does)")
     print(f"skipped {progress.bad_count} bad lines")
     for where in progress.bad_examples:
         print(f"  {where}")
@@ -365,9 +434,16 @@ def parse_args(argv=None):
     group.add_argument("--strict", action="store_true",
                        help="stop at the first bad line instead of skipping it")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-model", required=True,
-                       help="sentencepiece model file, or HuggingFace tokenizer directory")
+    group.add_argument("--tokenizer-type", default=None, choices=sorted(TOKENIZER_TYPES),
+                       help="default GPT2BPETokenizer when --vocab-file and --merge-file are given")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="sentencepiece model, HuggingFace tokenizer directory or tiktoken "
+                            "vocabulary")
+    group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer's ids; TikTokenizer's vocabulary size")
+    group.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"])
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's eod id to every document")
     group = parser.add_argument_group("output data")
@@ -379,6 +455,11 @@ def parse_args(argv=None):
     group.add_argument("--lines-per-batch", type=int, default=1024,
                        help="lines per worker task (a task also ends after ~256 KB)")
     args = parser.parse_args(argv)
+    args.tokenizer_type = resolve_tokenizer_type(args.tokenizer_type, args.vocab_file,
+                                                 args.merge_file)
+    if args.tokenizer_type is None:
+        parser.error("--tokenizer-type is required (or --vocab-file with --merge-file for "
+                     "GPT-2 BPE)")
     for flag in ("workers", "log_interval", "lines_per_batch"):
         value = getattr(args, flag)
         if value < 1:

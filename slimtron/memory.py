@@ -403,6 +403,13 @@ def chunk_parameters(model, tp: int, num_layers: int, *, pre_process: bool,
     return count
 
 
+def model_parameters(model, tp: int = 1) -> int:
+    """Parameters of the whole model, its vocabulary padded as for ``tp`` ranks."""
+    whole = chunk_parameters(model, 1, model.num_layers, pre_process=True, post_process=True)
+    extra_rows = model.padded_vocab_size(tp) - model.padded_vocab_size(1)
+    return whole + extra_rows * model.hidden_size * (1 if model.tied_embeddings else 2)
+
+
 def activation_spec(config) -> ActivationSpec:
     t = config.training
     return ActivationSpec(config.model.seq_length, t.micro_batch_size, tp=config.parallel.tp,

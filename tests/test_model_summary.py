@@ -78,48 +78,59 @@ def _gib(text: str, label: str) -> str:
     return re.search(rf"^  {label} +([0-9.]+) GiB$", text, re.M).group(1)
 
 
+def _llama_layer_bytes(s, b, h, a, g, f, t=1, sp=False) -> float:
+    """Our model's per-layer activations in bf16 (slimtron/memory.py's derivation, by hand):
+    sbh(14 + 6g/a + 8f/h) + sb(8 + 4a), all over t under TP+SP; TP alone leaves 8sbh + 8sb whole."""
+    if sp or t == 1:
+        return (s * b * h * (14 + 6 * g / a + 8 * f / h) + s * b * (8 + 4 * a)) / t
+    return s * b * h * (8 + (6 + 6 * g / a + 8 * f / h) / t) + s * b * (8 + 4 * a / t)
+
+
 def test_llama2_7b_count_and_single_rank_memory(capsys):
     text = model_summary.main(["--preset", "llama2-7b", "--bf16"])
     assert "total parameters: 6,738,415,616\n" in text
     assert capsys.readouterr().out.strip() == text
     n = 6_738_415_616
-    s, h, a, L = 4096, 4096, 32, 32
-    activations = L * s * h * (34 + 5 * a * s / h)
-    logits = 4 * s * 32000
+    s, h, a, L, f, v = 4096, 4096, 32, 32, 11008, 32000
+    layers = L * _llama_layer_bytes(s, 1, h, a, a, f)
+    rotary = 2 * 4 * s * 128
+    ends = 8 * s + (2 * s * h + 4 * s) + 2 * s * h + s * (4 * v + 8 + 1 + 4)  # ids; norm, output, loss
+    activations = layers + rotary + ends
     assert _gib(text, "weights") == f"{2 * n / GIB:.2f}"
     assert _gib(text, "gradients") == f"{4 * n / GIB:.2f}"
     assert _gib(text, "optimizer state") == f"{12 * n / GIB:.2f}"
-    assert _gib(text, "activations") == f"{(activations + logits) / GIB:.2f}"
-    assert _gib(text, "total") == f"{(18 * n + activations + logits) / GIB:.2f}"
+    assert _gib(text, "activations") == f"{activations / GIB:.2f}"
+    assert _gib(text, "total") == f"{(18 * n + activations) / GIB:.2f}"
     assert "fits in 80 GiB of GPU memory: no" in text
 
 
-def test_per_rank_split_tp2_pp2():
+def test_per_stage_split_tp2_pp2_equals_the_dry_run():
     argv = ["--preset", "llama2-7b", "--tensor-model-parallel-size", "2",
             "--pipeline-model-parallel-size", "2", "--data-parallel-size", "2", "--bf16",
-            "--use-distributed-optimizer", "--sequence-parallel", "--micro-batch-size", "1"]
+            "--use-distributed-optimizer", "--sequence-parallel", "--micro-batch-size", "1",
+            "--global-batch-size", "8"]
     config = model_summary.config_from_namespace(model_summary.build_summary_parser().parse_args(argv))
     model_summary.validate(config, 8, check_files=False)
-    total, ranks = model_summary.summarize(config)
+    total, stages = model_summary.summarize(config, num_microbatches=4)
     assert total == 6_738_415_616
-    assert [(r.rank, r.pp_rank, r.tp_rank) for r in ranks] == [(0, 0, 0), (1, 0, 1),
-                                                              (4, 1, 0), (5, 1, 1)]
     h, f, v = 4096, 11008, 32000
     layer = (h * 3 * h + h * h + h * 2 * f + f * h) // 2 + 2 * h  # TP-split weights, two norms
     first = 16 * layer + v * h // 2
     last = 16 * layer + h + v * h // 2  # final norm, untied output layer
-    assert [r.parameters for r in ranks] == [first, first, last, last]
-    r0, r4 = ranks[0], ranks[2]
-    assert (r0.weights, r0.gradients, r0.optimizer) == (2 * first, 4 * first, 12 / 2 * first)
-    per_layer = 4096 * 1 * h * (34 + 5 * 32 * 4096 / h) / 2  # TP + SP: all of it over t
-    assert r0.activations == 16 * per_layer * 2  # first of two stages: two micro-batches in flight
-    assert r4.activations == 16 * per_layer * 1 + 4 * 4096 * v / 2  # plus fp32 logits
-    # Selective recompute drops the attention-score term; a short step caps what is in flight.
-    config.training.recompute_granularity = "selective"
-    _, ranks = model_summary.summarize(config, num_microbatches=1)
-    assert ranks[0].activations == 16 * 4096 * h * 34 / 2
-    text = model_summary.report(config, total, ranks, 80 * GIB)
-    assert "most loaded rank: 4 (pipeline stage 1, tensor rank 0)" in text  # logits tip it over
+    assert [r.parameters for r in stages] == [first, last]
+    r0, r1 = stages
+    assert (r0.weights, r0.grads, r0.optimizer) == (2 * first, 4 * first, 12 / 2 * first)
+    per_layer = _llama_layer_bytes(4096, 1, h, 32, 32, f, t=2, sp=True)
+    rotary = 2 * 4 * 4096 * 128
+    assert r0.in_flight == 2 and r1.in_flight == 1
+    assert r0.activations == pytest.approx(2 * (16 * per_layer + rotary + 8 * 4096 + 4096))
+    # One memory model: the dry run of the real model on the meta device says the same.
+    from slimtron.dry_run import dry_run
+    for planned, built in zip(stages, dry_run(config, 8)):
+        assert (built.parameters, built.in_flight) == (planned.parameters, planned.in_flight)
+        assert built.peak == pytest.approx(planned.peak, rel=1e-3)
+    text = model_summary.report(config, total, stages, 80 * GIB)
+    assert "most loaded stage: 0 (2 micro-batches in flight)" in text
 
 
 def test_deep_pipeline_and_large_model_plan():

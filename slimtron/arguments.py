@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
                              OptimizerConfig, ParallelConfig, TrainingConfig,
-                             check_checkpointing, check_post_training, model_preset)
+                             check_checkpointing, check_context_parallel, check_post_training,
+                             model_preset)
 
 # (flag, dest field, argparse options). The dest is the flag's name unless given.
 _MODEL_FLAGS = [
@@ -88,6 +89,10 @@ _DATA_FLAGS = [
     ("--split", None, dict(type=str)),
     ("--tokenizer-type", None, dict(type=str)),
     ("--tokenizer-model", None, dict(type=str)),
+    ("--vocab-file", None, dict(type=str, help="GPT-2 vocab.json; with --merge-file and no "
+                                              "--tokenizer-type: GPT2BPETokenizer")),
+    ("--merge-file", None, dict(type=str, help="GPT-2 merges.txt")),
+    ("--tiktoken-pattern", None, dict(choices=["v1", "v2"])),
     ("--data-cache-path", None, dict(type=str)),
     ("--num-workers", None, dict(type=int)),
     ("--reset-position-ids", None, dict(action="store_true")),
@@ -273,6 +278,7 @@ def validate(config: Config, world_size: int, *, check_files: bool = True) -> Co
     _resolve_data_parallel(config.parallel, world_size)
     _check_model_split(config.model, config.parallel)
     _check_sequence_parallel(config.parallel)
+    check_context_parallel(config.model, config.parallel)
     _check_batch(config.training, config.parallel, config.model)
     _check_recompute(config.training, config.model, config.parallel)
     _resolve_warmup(config.optim, config.training)
@@ -294,17 +300,15 @@ def _resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> None:
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size "
                           f"{pp} must be positive")
-    if cp != 1:
-        # Context parallelism has its axis (ParallelState.cp) but no sharded attention yet.
-        raise ConfigError(f"--context-parallel-size {cp}: context parallelism is not implemented "
-                          "yet; only 1 is supported")
     if world_size % (tp * pp * cp):
+        with_cp = f" x --context-parallel-size {cp}" if cp > 1 else ""
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-"
-                          f"size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}")
+                          f"size {tp} x --pipeline-model-parallel-size {pp}{with_cp} = "
+                          f"{tp * pp * cp}")
     dp = world_size // (tp * pp * cp)
     if parallel.data_parallel_size not in (None, dp):
         raise ConfigError(f"data_parallel_size {parallel.data_parallel_size} does not match world "
-                          f"size {world_size} / (tp {tp} x pp {pp}) = {dp}")
+                          f"size {world_size} / (tp {tp} x pp {pp} x cp {cp}) = {dp}")
     parallel.data_parallel_size = dp
 
 

@@ -177,3 +177,116 @@ def test_ring_attention_keeps_dtype_and_refuses_odd_lengths():
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="local sequence length 7"):
         cpar.ring_attention(q[:7], k[:7], k[:7], single)
+
+
+# ---- parity through the real training step ---------------------------------------------------
+
+STEPS = 3
+
+
+class UnevenLossMask:
+    """The mock data with loss masks that differ between samples and between sequence chunks,
+    so that cp ranks count different numbers of tokens (mock data alone masks nothing)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        sample = dict(self.dataset[i])
+        mask = sample["loss_mask"].copy()
+        mask[:(i % 4) * len(mask) // 5] = 0.0  # a prefix of 0-60% of the sequence
+        sample["loss_mask"] = mask
+        return sample
+
+
+def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False):
+    from slimtron.config import (Config, DataConfig, OptimizerConfig, ParallelConfig,
+                                 TrainingConfig)
+    model = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                        num_query_groups=2, seq_length=256, vocab_size=200,
+                        normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+                        add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                        hidden_dropout=0.0, attention_dropout=0.0)
+    return Config(
+        model=model,
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                context_parallel_size=cp, sequence_parallel=sp,
+                                use_distributed_optimizer=dist_opt, bucket_size=2000),
+        optim=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, clip_grad=0.5,
+                              weight_decay=0.1),
+        data=DataConfig(mock_data=True),
+        training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=STEPS,
+                                log_interval=100, seed=7))
+
+
+def _train_cp_layout(rank, world, config):
+    from slimtron.training import setup, train
+    engine = setup(config, world)
+    train_set, *rest = engine.datasets
+    engine.datasets = (None if train_set is None else UnevenLossMask(train_set), *rest)
+    losses = []
+    train(engine, on_iteration=lambda it, loss, norm: losses.append((loss, norm)))
+    shards = {}
+    if engine.pstate.dp_cp.rank == 0:
+        for chunk in engine.model_chunks:
+            for p in chunk.parameters():
+                shards[p.global_name] = (p.detach().clone(), bool(p.tensor_model_parallel),
+                                         p.partition_dim, getattr(p, "partition_chunks", 1))
+    return engine.pstate.tp.rank, losses, shards
+
+
+CP_LAYOUTS = {  # name: (world, config kwargs)
+    "cp2": (2, dict(cp=2)),
+    "tp2-cp2-sp": (4, dict(tp=2, cp=2, sp=True)),
+    "cp2-pp2-dp2-distopt": (8, dict(cp=2, pp=2, dist_opt=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def cp_reference():
+    from tests.test_training_parity import full_params
+    results = run_distributed(_train_cp_layout, 1, cp_config(), timeout=600)
+    return results[0][1], full_params(results)
+
+
+@pytest.mark.parametrize("name", list(CP_LAYOUTS))
+def test_cp_training_matches_single_process(name, cp_reference):
+    from tests.test_training_parity import assert_close_params, full_params
+    world, kwargs = CP_LAYOUTS[name]
+    results = run_distributed(_train_cp_layout, world, cp_config(**kwargs), timeout=600)
+    ref_losses, ref_params = cp_reference
+    losses = results[-1][1]
+    assert len(losses) == STEPS
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(losses, ref_losses), 1):
+        assert loss == pytest.approx(ref_loss, rel=1e-5), f"loss at step {step}"
+        assert norm == pytest.approx(ref_norm, rel=1e-5), f"grad norm at step {step}"
+    assert ref_losses[-1][0] < ref_losses[0][0]  # it trains
+    assert_close_params(full_params(results), ref_params)
+
+
+@pytest.mark.parametrize("kwargs, change, message", [
+    (dict(cp=4), dict(seq_length=260), "--seq-length 260 is not divisible by 2 x "
+                                       "--context-parallel-size 4 = 8"),
+    (dict(cp=2, tp=4, sp=True), dict(seq_length=260, num_query_groups=4),
+     "--seq-length 260 / --context-parallel-size 2 = 130 is not divisible by "
+     "--tensor-model-parallel-size 4"),
+    (dict(cp=2), dict(attention_dropout=0.1), "--attention-dropout 0.1 with "
+                                              "--context-parallel-size 2"),
+])
+def test_context_parallel_settings_are_checked(kwargs, change, message):
+    import dataclasses
+
+    from slimtron.arguments import validate
+    from slimtron.config import ConfigError
+    config = cp_config(**kwargs)
+    config.model = dataclasses.replace(config.model, **change)
+    with pytest.raises(ConfigError, match=message):
+        validate(config, 8, check_files=False)
+
+
+def test_context_parallel_splits_the_world():
+    from slimtron.arguments import validate
+    assert validate(cp_config(cp=2, tp=2), 8, check_files=False).parallel.data_parallel_size == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from slimtron.config import Config, ConfigError
+from slimtron.parallel.context_parallel import shard_batch
 from slimtron.parallel.state import ParallelState
 
 
@@ -50,6 +51,9 @@ def microbatches_for(dataset, first_sample: int, config: Config, pstate: Paralle
             raise ConfigError(f"the dataset has {len(dataset)} samples; sample {start + mbs - 1} "
                               "was asked for (it was built for fewer iterations than this run)")
         samples = [dataset[start + j] for j in range(mbs)]
-        out.append({key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
-                    .to(pstate.device) for key in samples[0]})
+        batch = {key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
+                 for key in samples[0]}
+        # Context parallelism: this rank's two load-balanced chunks of every sequence.
+        batch = shard_batch(batch, pstate.cp.size, pstate.cp.rank)
+        out.append({key: value.to(pstate.device) for key, value in batch.items()})
     return out

@@ -93,6 +93,10 @@ _DATA_FLAGS = [
                                               "--tokenizer-type: GPT2BPETokenizer")),
     ("--merge-file", None, dict(type=str, help="GPT-2 merges.txt")),
     ("--tiktoken-pattern", None, dict(choices=["v1", "v2"])),
+    ("--vocab-file", None, dict(type=str, help="GPT-2 vocab.json; with --merge-file and no "
+                                              "--tokenizer-type: GPT2BPETokenizer")),
+    ("--merge-file", None, dict(type=str, help="GPT-2 merges.txt")),
+    ("--tiktoken-pattern", None, dict(choices=["v1", "v2"])),
     ("--data-cache-path", None, dict(type=str)),
     ("--num-workers", None, dict(type=int)),
     ("--reset-position-ids", None, dict(action="store_true")),

@@ -91,7 +91,8 @@ def _is_number(text) -> bool:
 def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed: int,
                                     num_samples: Sequence[int] = (0, 0, 0), cache_dir: Optional[str] = None,
                                     eod_id: Optional[int] = None, eod_mask_loss: bool = False,
-                                    pstate=None) -> list[Optional[torch.utils.data.Dataset]]:
+                                    pstate=None, **document_options
+                                    ) -> list[Optional[torch.utils.data.Dataset]]:
     """[train, valid, test] datasets of ``num_samples`` samples each (None where the split is
     empty or no samples are asked for). Collective when torch.distributed is initialised: every
     rank must call it with the same arguments.
@@ -99,7 +100,9 @@ def build_train_valid_test_datasets(data_path, split: str, seq_length: int, seed
     if len(num_samples) != 3:
         raise ConfigError(f"num_samples must give train, valid and test counts, got {num_samples}")
     prefixes, weights = parse_data_path(data_path)
-    options = dict(cache_dir=cache_dir, eod_id=eod_id, eod_mask_loss=eod_mask_loss, pstate=pstate)
+    # document_options: GPTDataset's reset_position_ids, reset_attention_mask, vocab_size
+    options = dict(cache_dir=cache_dir, eod_id=eod_id, eod_mask_loss=eod_mask_loss, pstate=pstate,
+                   **document_options)
     if len(prefixes) == 1:
         return gpt_datasets_for_prefix(prefixes[0], split, num_samples, seq_length, seed, **options)
     if weights is None:  # several prefixes without weights: each in proportion to its tokens

@@ -193,6 +193,37 @@ def _build_and_save(cache: IndexCache, build: Callable[[], dict]) -> dict:
     return arrays
 
 
+# ------------------------------------------------------------------------------- document masks
+
+def get_ltor_masks_and_position_ids(tokens: torch.Tensor, eod_id: Optional[int], *,
+                                    reset_position_ids: bool, reset_attention_mask: bool,
+                                    eod_mask_loss: bool):
+    """Megatron's left-to-right masks for one sample ``tokens`` ``[s]``, in the micro-batch
+    convention (docs/CONVENTIONS.md): ``(loss_mask [s] float32, position_ids [s] int64,
+    segment_ids [s] int64 or None)``.
+
+    The eod token closes its document: the tokens after it start the next one. With
+    ``reset_attention_mask`` a token attends only to its own document (``segment_ids`` numbers
+    the documents; None without it: one document per sample); with ``reset_position_ids``
+    positions restart at 0 after each eod; with ``eod_mask_loss`` eod inputs carry no loss.
+    """
+    s = tokens.shape[0]
+    is_eod = tokens == eod_id if eod_id is not None else torch.zeros(s, dtype=torch.bool)
+    loss_mask = torch.ones(s, dtype=torch.float32, device=tokens.device)
+    if eod_mask_loss:
+        loss_mask[is_eod] = 0.0
+    index = torch.arange(s, dtype=torch.int64, device=tokens.device)
+    position_ids = index
+    if reset_position_ids:
+        eod_at = torch.where(is_eod, index, torch.full_like(index, -1))
+        last_eod_before = torch.cat([eod_at.new_full((1,), -1), eod_at[:-1]]).cummax(0).values
+        position_ids = index - (last_eod_before + 1)
+    segment_ids = None
+    if reset_attention_mask:
+        segment_ids = torch.cumsum(is_eod, 0) - is_eod.long()  # eods strictly before each token
+    return loss_mask, position_ids, segment_ids
+
+
 # ------------------------------------------------------------------------------------ GPT dataset
 
 def _num_epochs(tokens_per_epoch: int, num_samples: Optional[int], seq_length: int) -> int:
@@ -264,15 +295,23 @@ class GPTDataset(torch.utils.data.Dataset):
     def __init__(self, indexed: IndexedDataset, document_range: tuple[int, int],
                  num_samples: Optional[int], seq_length: int, seed: int,
                  cache_dir: Optional[str] = None, *, eod_id: Optional[int] = None,
-                 eod_mask_loss: bool = False, pstate=None):
-        if eod_mask_loss and eod_id is None:
-            raise ConfigError("--eod-mask-loss needs the tokenizer's end-of-document id (eod_id)")
+                 eod_mask_loss: bool = False, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False, vocab_size: Optional[int] = None,
+                 pstate=None):
+        for flag, on in (("--eod-mask-loss", eod_mask_loss),
+                         ("--reset-position-ids", reset_position_ids),
+                         ("--reset-attention-mask", reset_attention_mask)):
+            if on and eod_id is None:
+                raise ConfigError(f"{flag} needs the tokenizer's end-of-document id (eod_id)")
         if seq_length < 1:
             raise ConfigError(f"--seq-length must be positive, got {seq_length}")
         self.indexed = indexed
         self.seq_length = seq_length
         self.eod_id = eod_id
         self.eod_mask_loss = eod_mask_loss
+        self.reset_position_ids = reset_position_ids
+        self.reset_attention_mask = reset_attention_mask
+        self.vocab_size = vocab_size
         self.sequences = self._sequences_of(indexed, document_range)
         self.cache = IndexCache(cache_dir or default_cache_dir(indexed), self._cache_label(),
                                 self._description(document_range, num_samples, seed))
@@ -328,12 +367,24 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         text = torch.from_numpy(self.sample_tokens(i))
+        self._check_vocabulary(i, text)
         tokens, labels = text[:-1], text[1:]
-        loss_mask = torch.ones(self.seq_length, dtype=torch.float32, device="cpu")
-        if self.eod_mask_loss:
-            loss_mask[tokens == self.eod_id] = 0.0
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": self.position_ids.clone()}
+        loss_mask, position_ids, segment_ids = get_ltor_masks_and_position_ids(
+            tokens, self.eod_id, reset_position_ids=self.reset_position_ids,
+            reset_attention_mask=self.reset_attention_mask, eod_mask_loss=self.eod_mask_loss)
+        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                  "position_ids": position_ids.clone()}
+        if segment_ids is not None:
+            sample["segment_ids"] = segment_ids
+        return sample
+
+    def _check_vocabulary(self, i: int, text: torch.Tensor) -> None:
+        """A corpus made with a larger tokenizer than the model's stops here, not in an index
+        error deep inside the embedding."""
+        if self.vocab_size is not None and int(text.max()) >= self.vocab_size:
+            raise ValueError(f"{self.indexed.path_prefix}: sample {i} holds token id "
+                             f"{int(text.max())}, outside the model's vocabulary of "
+                             f"{self.vocab_size} (was the corpus made with another tokenizer?)")
 
 
 def gpt_datasets_for_prefix(prefix: str, split: str, num_samples: Sequence[Optional[int]],

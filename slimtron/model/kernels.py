@@ -43,11 +43,25 @@ def _use_flash(q: torch.Tensor) -> bool:
             and q.shape[-1] <= FLASH_MAX_HEAD_DIM and _flash_capable(q.device.index))
 
 
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed documents: ``segment_ids`` ``[b, s]`` (equal ids = one
+    document) -> bool ``[b, 1, s, s]``, True where query i may attend to key j: j <= i and both in
+    the same document (SDPA's boolean ``attn_mask``)."""
+    s = segment_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
+    return (same & causal).unsqueeze(1)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, segment_ids=None) -> torch.Tensor:
     """Causal softmax attention. q ``[s, b, heads, d]``; k, v ``[s, b, groups, d]`` where each
-    group serves ``heads / groups`` consecutive query heads. Returns ``[s, b, heads * d]``."""
+    group serves ``heads / groups`` consecutive query heads. Returns ``[s, b, heads * d]``.
+    ``segment_ids`` ``[b, s]`` (optional): attention also stays within each document."""
     s, b, heads, d = q.shape
+    if segment_ids is not None:
+        return torch_attention(q, k, v, attn_mask=document_causal_mask(segment_ids),
+                               dropout_p=dropout_p)
     if _use_flash(q):  # pragma: no cover - CUDA only
         out = _flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                dropout_p=dropout_p, causal=True)

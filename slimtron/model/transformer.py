@@ -143,7 +143,8 @@ class SelfAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, pstate,
             bias=config.add_bias_linear, input_is_parallel=True, **layer)
 
-    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None,
+                segment_ids=None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
@@ -154,19 +155,20 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:  # generation: attend over earlier steps' keys too
             return self.linear_proj(kv_cache.attend(self, q, k, v))
         if self.selective_recompute:
-            core = checkpoint_with_rng(self._core_attention, self.rng_tracker, q, k, v)
+            core = checkpoint_with_rng(self._core_attention, self.rng_tracker, q, k, v,
+                                       segment_ids)
         else:
-            core = self._core_attention(q, k, v)
+            core = self._core_attention(q, k, v, segment_ids)
         return self.linear_proj(core)
 
-    def _core_attention(self, q, k, v):
+    def _core_attention(self, q, k, v, segment_ids=None):
         if self.cp.size > 1:  # config refuses attention dropout with context parallelism
-            return ring_attention(q, k, v, self.cp)
+            return ring_attention(q, k, v, self.cp, segment_ids)
         p = self.dropout if self.training else 0.0
         if p == 0.0:
-            return kernels.causal_attention(q, k, v)
+            return kernels.causal_attention(q, k, v, segment_ids=segment_ids)
         with self.rng_tracker.fork():  # this rank's heads draw their own mask
-            return kernels.causal_attention(q, k, v, dropout_p=p)
+            return kernels.causal_attention(q, k, v, dropout_p=p, segment_ids=segment_ids)
 
 
 class MLP(nn.Module):
@@ -224,8 +226,10 @@ class TransformerLayer(nn.Module):
         return hidden_dropout(x, self.hidden_dropout, self.training, self.sequence_parallel,
                               self.rng_tracker)
 
-    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
-        x = x + self._dropout(self.self_attention(self.input_layernorm(x), rotary, kv_cache))
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None,
+                segment_ids=None) -> torch.Tensor:
+        x = x + self._dropout(self.self_attention(self.input_layernorm(x), rotary, kv_cache,
+                                                  segment_ids))
         return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
@@ -247,26 +251,28 @@ class TransformerBlock(nn.Module):
             for i in layer_numbers})
         self.final_layernorm = Norm(config, config.hidden_size, **common) if post_process else None
 
-    def _checkpointed(self, layers, x, rotary):
-        def run(h, *rot):
+    def _checkpointed(self, layers, x, rotary, segment_ids=None):
+        def run(h, segments, *rot):
             for layer in layers:
-                h = layer(h, rot or None)
+                h = layer(h, rot or None, None, segments)
             return h
-        return checkpoint_with_rng(run, self.rng_tracker, x, *(rotary or ()))
+        return checkpoint_with_rng(run, self.rng_tracker, x, segment_ids, *(rotary or ()))
 
-    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary=None, kv_cache=None,
+                segment_ids=None) -> torch.Tensor:
+        """``segment_ids`` ``[b, s]`` (optional): attention stays within each document."""
         layers = list(self.layers.values())
         full = (self.recompute is not None and self.recompute.granularity == "full"
                 and kv_cache is None)
         if full and self.recompute.method == "uniform":
             step = self.recompute.num_layers
             for start in range(0, len(layers), step):
-                x = self._checkpointed(layers[start:start + step], x, rotary)
+                x = self._checkpointed(layers[start:start + step], x, rotary, segment_ids)
         else:
             checkpointed = self.recompute.num_layers if full else 0  # "block": the first n layers
             for i, layer in enumerate(layers):
-                x = (self._checkpointed([layer], x, rotary) if i < checkpointed
-                     else layer(x, rotary, kv_cache))
+                x = (self._checkpointed([layer], x, rotary, segment_ids) if i < checkpointed
+                     else layer(x, rotary, kv_cache, segment_ids))
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

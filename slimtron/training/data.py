@@ -26,11 +26,21 @@ def build_datasets(config: Config, tokenizer, pstate: ParallelState):
         datasets = tuple(build_train_valid_test_datasets(
             config.data.data_path, config.data.split, seq, t.seed, num_samples,
             cache_dir=config.data.data_cache_path, eod_id=getattr(tokenizer, "eod", None),
-            eod_mask_loss=config.data.eod_mask_loss, pstate=pstate))
+            eod_mask_loss=config.data.eod_mask_loss, pstate=pstate,
+            reset_position_ids=config.data.reset_position_ids,
+            reset_attention_mask=config.data.reset_attention_mask,
+            vocab_size=config.model.vocab_size))
     available = tuple(d is not None for d in datasets)  # the same on every rank
-    if not (pstate.is_first_stage or pstate.is_last_stage):
+    if not (pstate.is_first_stage or pstate.is_last_stage or reads_documents(config)):
         datasets = (None, None, None)
     return datasets, available
+
+
+def reads_documents(config: Config) -> bool:
+    """Whether samples carry per-document positions or segments, which every pipeline stage's
+    attention reads (not only the first and last stage's embedding and loss)."""
+    d = config.data
+    return d.reset_position_ids or d.reset_attention_mask or getattr(d, "sft", False)
 
 
 def microbatches_for(dataset, first_sample: int, config: Config, pstate: ParallelState,

@@ -37,8 +37,9 @@ def make_forward_step(engine: Engine, loss_scale: float):
         tokens = batch["tokens"] if (batch is not None and model.pre_process) else None
         positions = batch["position_ids"] if batch is not None else None
         labels = batch["labels"] if (batch is not None and model.post_process) else None
+        segments = batch.get("segment_ids") if batch is not None else None
         out = model(tokens=tokens, position_ids=positions, labels=labels,
-                    hidden_states=input_tensor)
+                    hidden_states=input_tensor, segment_ids=segments)
         if not model.post_process:
             return out
         mask = batch["loss_mask"].float()

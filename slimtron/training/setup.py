@@ -50,11 +50,12 @@ class Engine:
 
 
 def build_tokenizer_for(config: Config):
-    """The run's tokenizer (None without --tokenizer-type); its size becomes the model's."""
-    if not config.data.tokenizer_type:
+    """The run's tokenizer (None without --tokenizer-type, or --vocab-file and --merge-file);
+    its size becomes the model's."""
+    from slimtron.data.tokenizers import tokenizer_from_data_config
+    tokenizer = tokenizer_from_data_config(config.data, config.model.vocab_size)
+    if tokenizer is None:
         return None
-    from slimtron.data.tokenizers import build_tokenizer
-    tokenizer = build_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model)
     config.model.vocab_size = tokenizer.vocab_size
     return tokenizer
 

@@ -303,37 +303,37 @@ def _build(cfg, tp=1, pp=1, v=1, **kw):
 
 
 def test_layers_not_divisible_by_pp():
-    with pytest.raises(ConfigError, match=r"num layers \(3\) is not divisible by the pipeline"):
+    with pytest.raises(ConfigError, match=r"--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"):
         _build(tiny("gpt2", num_layers=3), pp=2)
 
 
 def test_layers_not_divisible_by_pp_times_virtual():
-    with pytest.raises(ConfigError, match=r"pipeline size \(2\) x virtual pipeline size \(2\)"):
+    with pytest.raises(ConfigError, match=r"--pipeline-model-parallel-size 2 x 2 virtual stages"):
         _build(tiny("gpt2", num_layers=6), pp=2, v=2)
 
 
 def test_heads_not_divisible_by_tp():
-    with pytest.raises(ConfigError, match=r"num attention heads \(6\) is not divisible"):
+    with pytest.raises(ConfigError, match=r"--num-attention-heads 6 is not divisible"):
         _build(tiny("gpt2", num_attention_heads=6, hidden_size=48), tp=4)
 
 
 def test_query_groups_not_divisible_by_tp():
-    with pytest.raises(ConfigError, match=r"num query groups \(2\) is not divisible"):
+    with pytest.raises(ConfigError, match=r"--num-query-groups 2 is not divisible"):
         _build(tiny("llama", num_attention_heads=8), tp=4)
 
 
 def test_ffn_not_divisible_by_tp():
-    with pytest.raises(ConfigError, match=r"ffn hidden size \(90\) is not divisible"):
+    with pytest.raises(ConfigError, match=r"--ffn-hidden-size 90 is not divisible"):
         _build(tiny("gpt2", ffn_hidden_size=90), tp=4)
 
 
 def test_hidden_not_divisible_by_tp():
-    with pytest.raises(ConfigError, match=r"hidden size \(36\) is not divisible"):
+    with pytest.raises(ConfigError, match=r"--hidden-size 36 is not divisible"):
         _build(tiny("gpt2", hidden_size=36, num_attention_heads=8, kv_channels=4), tp=8)
 
 
 def test_sequence_not_divisible_under_sequence_parallelism():
-    with pytest.raises(ConfigError, match=r"seq length \(18\)"):
+    with pytest.raises(ConfigError, match=r"--seq-length 18 is not divisible"):
         _build(tiny("gpt2", seq_length=18), tp=4, sequence_parallel=True)
 
 

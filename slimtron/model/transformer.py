@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtron.config import ConfigError, ModelConfig
+from slimtron.config import ModelConfig, check_recompute
 from slimtron.model import kernels
 from slimtron.parallel.context_parallel import ring_attention
 from slimtron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
@@ -34,14 +34,8 @@ class Recompute:
     num_layers: int = 1
 
     def __post_init__(self):
-        if self.granularity not in ("full", "selective"):
-            raise ConfigError(f"--recompute-granularity must be full or selective, "
-                              f"got {self.granularity!r}")
-        if self.granularity == "full" and self.method not in ("uniform", "block"):
-            raise ConfigError(f"--recompute-method must be uniform or block with full "
-                              f"recomputation, got {self.method!r}")
-        if self.granularity == "full" and self.num_layers < 1:
-            raise ConfigError(f"--recompute-num-layers must be at least 1, got {self.num_layers}")
+        check_recompute(self.granularity or "no recompute", self.method,
+                        self.num_layers if self.granularity == "full" else None)
 
     @classmethod
     def from_training_config(cls, training) -> Optional["Recompute"]:

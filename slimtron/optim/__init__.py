@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from slimtron.config import ConfigError
+from slimtron.config import ConfigError, check_precision
 from slimtron.optim.clip_grads import clip_grad_norm, global_grad_norm
 from slimtron.optim.distributed_optimizer import DistributedOptimizer
 from slimtron.optim.loss_scaler import ConstantLossScaler, DynamicLossScaler
@@ -32,8 +32,10 @@ __all__ = ["build_optimizer", "build_loss_scaler", "build_scheduler", "MixedPrec
 def build_scheduler(optim_config, train_iters: Optional[int] = None) -> OptimizerParamScheduler:
     decay_iters = optim_config.lr_decay_iters if optim_config.lr_decay_iters is not None \
         else train_iters
-    return OptimizerParamScheduler(optim_config.lr, optim_config.min_lr,
-                                   optim_config.lr_warmup_iters, decay_iters,
+    warmup = optim_config.lr_warmup_iters
+    if optim_config.lr_warmup_fraction is not None:  # Megatron: a fraction of the decay length
+        warmup = optim_config.lr_warmup_fraction * (decay_iters or 0)
+    return OptimizerParamScheduler(optim_config.lr, optim_config.min_lr, warmup, decay_iters,
                                    optim_config.lr_decay_style)
 
 
@@ -55,8 +57,7 @@ def build_optimizer(model_chunks, optim_config, parallel_config, pstate, grads, 
 
     ``train_iters`` is the default for ``lr_decay_iters`` (needed unless the decay is constant).
     """
-    if optim_config.fp16 and optim_config.bf16:
-        raise ConfigError("--fp16 and --bf16 are both set; choose one")
+    check_precision(optim_config)
     if grads.use_distributed_optimizer != parallel_config.use_distributed_optimizer:
         raise ConfigError(
             f"gradient buffers were built with use_distributed_optimizer="

@@ -39,7 +39,7 @@ class OptimizerParamScheduler:
                                   f"--lr-warmup-iters ({warmup_iters})")
         self.max_lr = float(max_lr)
         self.min_lr = float(min_lr)
-        self.warmup_iters = int(warmup_iters)
+        self.warmup_iters = warmup_iters  # may be fractional (--lr-warmup-fraction)
         self.decay_iters = decay_iters
         self.decay_style = decay_style
         self.num_steps = 0

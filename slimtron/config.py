@@ -31,6 +31,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0
+    rotary_percent: float = 1.0  # fraction of each head's dims that RoPE rotates (the first ones)
+    apply_layernorm_1p: bool = False  # norm weights stored as (gamma - 1): zero-centered, init 0
     swiglu: bool = False
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # only read when add_bias_linear is False (Qwen-style)
@@ -56,6 +58,10 @@ class ModelConfig:
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ConfigError("--position-embedding-type must be learned_absolute or rope, "
                               f"got {self.position_embedding_type!r}")
+        rotary_dim = self.kv_channels * self.rotary_percent
+        if not 0.0 < self.rotary_percent <= 1.0 or rotary_dim != int(rotary_dim) or rotary_dim % 2:
+            raise ConfigError(f"--rotary-percent {self.rotary_percent} must be in (0, 1] and give "
+                              f"an even number of the {self.kv_channels} --kv-channels")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible "
                               f"by --num-query-groups {self.num_query_groups}")

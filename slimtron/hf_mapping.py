@@ -35,6 +35,16 @@ class Same:
         return ts[0]
 
 
+class NormWeight:
+    """A norm's scale; under --apply-layernorm-1p ours holds gamma - 1 and HF's holds gamma."""
+
+    def to_hf(self, t, cfg):
+        return [t + 1 if cfg.apply_layernorm_1p else t]
+
+    def from_hf(self, ts, cfg):
+        return ts[0] - 1 if cfg.apply_layernorm_1p else ts[0]
+
+
 class Transposed:
     """GPT-2's Conv1D keeps ``[in, out]``."""
 
@@ -104,6 +114,7 @@ class GPT2Attention:
 
 
 SAME, TRANSPOSED, GATED, QKV, GPT2_QKV = Same(), Transposed(), GatedHalves(), GroupedQKV(), GPT2Attention()
+NORM = NormWeight()
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -119,7 +130,7 @@ _L = "decoder.layers.{i}."
 
 LLAMA_TABLE = (
     Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-    Rule(_L + "input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",)),
+    Rule(_L + "input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), NORM),
     Rule(_L + "self_attention.linear_qkv.weight",
          tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"), QKV),
     Rule(_L + "self_attention.linear_qkv.bias",
@@ -127,7 +138,8 @@ LLAMA_TABLE = (
     Rule(_L + "self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",)),
     Rule(_L + "self_attention.linear_proj.bias", ("model.layers.{i}.self_attn.o_proj.bias",),
          when="bias"),
-    Rule(_L + "pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    Rule(_L + "pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
+         NORM),
     Rule(_L + "mlp.linear_fc1.weight",
          ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), GATED),
     Rule(_L + "mlp.linear_fc1.bias",
@@ -135,7 +147,7 @@ LLAMA_TABLE = (
          when="bias"),
     Rule(_L + "mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",)),
     Rule(_L + "mlp.linear_fc2.bias", ("model.layers.{i}.mlp.down_proj.bias",), when="bias"),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), NORM),
     Rule("output_layer.weight", ("lm_head.weight",), when="untied"),
 )
 
@@ -144,19 +156,19 @@ _H = "transformer.h.{i}."
 GPT2_TABLE = (
     Rule("embedding.word_embeddings.weight", ("transformer.wte.weight",)),
     Rule("embedding.position_embeddings.weight", ("transformer.wpe.weight",)),
-    Rule(_L + "input_layernorm.weight", (_H + "ln_1.weight",)),
+    Rule(_L + "input_layernorm.weight", (_H + "ln_1.weight",), NORM),
     Rule(_L + "input_layernorm.bias", (_H + "ln_1.bias",)),
     Rule(_L + "self_attention.linear_qkv.weight", (_H + "attn.c_attn.weight",), GPT2_QKV),
     Rule(_L + "self_attention.linear_qkv.bias", (_H + "attn.c_attn.bias",), GPT2_QKV),
     Rule(_L + "self_attention.linear_proj.weight", (_H + "attn.c_proj.weight",), TRANSPOSED),
     Rule(_L + "self_attention.linear_proj.bias", (_H + "attn.c_proj.bias",)),
-    Rule(_L + "pre_mlp_layernorm.weight", (_H + "ln_2.weight",)),
+    Rule(_L + "pre_mlp_layernorm.weight", (_H + "ln_2.weight",), NORM),
     Rule(_L + "pre_mlp_layernorm.bias", (_H + "ln_2.bias",)),
     Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.c_fc.weight",), TRANSPOSED),
     Rule(_L + "mlp.linear_fc1.bias", (_H + "mlp.c_fc.bias",)),
     Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.c_proj.weight",), TRANSPOSED),
     Rule(_L + "mlp.linear_fc2.bias", (_H + "mlp.c_proj.bias",)),
-    Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",)),
+    Rule("decoder.final_layernorm.weight", ("transformer.ln_f.weight",), NORM),
     Rule("decoder.final_layernorm.bias", ("transformer.ln_f.bias",)),
     Rule("output_layer.weight", ("lm_head.weight",), when="untied"),
 )
@@ -222,6 +234,8 @@ def _mismatch(cfg: ModelConfig) -> dict[str, list[str]]:
         llama.append(f"position embedding {cfg.position_embedding_type}")
     if not cfg.swiglu:
         llama.append("no swiglu")
+    if cfg.rotary_percent != 1.0:
+        llama.append(f"rotary percent {cfg.rotary_percent}")
     if cfg.normalization != "LayerNorm":
         gpt2.append(f"normalization {cfg.normalization}")
     if cfg.position_embedding_type != "learned_absolute":

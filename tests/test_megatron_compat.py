@@ -149,3 +149,124 @@ def test_null_tokenizer_corpus_is_byte_identical(tmp_path, null_corpus):
     run_ours(null_corpus, tmp_path / "ours", "--tokenizer-type", "NullTokenizer",
              "--vocab-size", 500)
     assert_identical(tmp_path / "ours", tmp_path / "megatron")
+
+
+# ----------------------------------------------------------------------------------- model flags
+# --apply-layernorm-1p, --rotary-percent, --rotary-base, --init-method-std as in Megatron-LM.
+
+def _parse(*flags):
+    from slimtron.arguments import parse_args
+
+    return parse_args(["--position-embedding-type", "rope", *flags]).model
+
+
+def test_model_flags_parse():
+    m = _parse("--apply-layernorm-1p", "--rotary-percent", "0.5", "--rotary-base", "1000000",
+               "--init-method-std", "0.0134")
+    assert (m.apply_layernorm_1p, m.rotary_percent, m.rotary_base, m.init_method_std) == \
+        (True, 0.5, 1000000.0, 0.0134)
+    from slimtron.config import ConfigError
+    with pytest.raises(ConfigError, match="--rotary-percent 0.3"):
+        _parse("--rotary-percent", "0.3", "--hidden-size", "64", "--num-attention-heads", "4")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layernorm_1p_is_the_same_model_and_exports_to_transformers(tmp_path, arch):
+    """Zero-centered norm weights w compute what plain norms with weights w + 1 compute; the HF
+    export folds the +1 into the saved weight, and transformers gives the same logits."""
+    import dataclasses
+
+    import torch
+
+    from slimtron.model import GPTModel
+    from slimtron.parallel.state import ParallelState
+    from tests.test_hf_conversion import (assert_same_logits, gpt2_config, hf_load, llama_config,
+                                          reference_model, save_reference_checkpoint, to_hf)
+
+    base = llama_config() if arch == "llama" else gpt2_config()
+    one_p = dataclasses.replace(base, apply_layernorm_1p=True)
+    fresh = GPTModel(one_p, ParallelState.single(), seed=5)
+    norms = [p for n, p in fresh.named_parameters() if "layernorm.weight" in n]
+    assert norms and all(torch.count_nonzero(p) == 0 for p in norms)  # gamma - 1 starts at 0
+
+    ours = reference_model(one_p)  # perturbed: the norm weights are far from zero
+    plain = reference_model(base)
+    with torch.no_grad():
+        for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+            q.copy_(p + 1 if "layernorm.weight" in name else p)
+    tokens = torch.randint(0, base.vocab_size, (2, 16))
+    torch.testing.assert_close(ours(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+
+    save_reference_checkpoint(str(tmp_path / "ckpt"), one_p)
+    to_hf.convert(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    cls = "LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel"
+    assert_same_logits(ours, hf_load(str(tmp_path / "hf"), cls), one_p)
+
+
+def test_rotary_percent_rotates_the_first_dims_only():
+    import torch
+
+    from slimtron.model.transformer import RotaryEmbedding, apply_rotary
+
+    head_dim, base = 16, 500000.0
+    positions = torch.arange(7).unsqueeze(0)
+    x = torch.randn(7, 1, 3, head_dim)
+    partial = apply_rotary(x, *RotaryEmbedding(head_dim, base, percent=0.5)(positions))
+    # Megatron: rot_dim = kv_channels * percent; a rotary of rot_dim dims on x[..., :rot_dim]
+    # (its frequencies base^(-2i/rot_dim)), the other dims as they were.
+    inv_freq = 1.0 / base ** (torch.arange(0, 8, 2).float() / 8)
+    angles = torch.cat([positions.t().float() * inv_freq] * 2, dim=-1).unsqueeze(1).unsqueeze(1)
+    first, second = x[..., :8].chunk(2, dim=-1)
+    expected = x[..., :8] * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
+    torch.testing.assert_close(partial[..., :8], expected)
+    assert torch.equal(partial[..., 8:], x[..., 8:])
+    full = apply_rotary(x, *RotaryEmbedding(head_dim, base)(positions))
+    assert not torch.allclose(full[..., 8:], x[..., 8:])
+
+
+def test_rotary_percent_and_base_reach_the_model_and_export_refuses_partial_rotary(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from slimtron.config import ConfigError
+    from slimtron.model import GPTModel
+    from slimtron.parallel.state import ParallelState
+    from tests.test_hf_conversion import llama_config, save_reference_checkpoint, to_hf
+
+    tokens = torch.randint(0, 1000, (1, 16))
+
+    def logits(**changes):
+        cfg = dataclasses.replace(llama_config(), **changes)
+        return GPTModel(cfg, ParallelState.single(), seed=5)(tokens)
+
+    reference = logits()
+    assert not torch.allclose(logits(rotary_percent=0.5), reference)
+    assert not torch.allclose(logits(rotary_base=1000000.0), reference)
+    save_reference_checkpoint(str(tmp_path / "ckpt"),
+                              dataclasses.replace(llama_config(), rotary_percent=0.5))
+    with pytest.raises(ConfigError, match="rotary percent 0.5"):
+        to_hf.convert(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+
+
+def test_init_method_std_sets_the_weights_spread():
+    """Megatron: normal(0, std) for every weight, std / sqrt(2 * layers) for the output
+    projections of attention and MLP."""
+    import math
+
+    from slimtron.config import ModelConfig
+    from slimtron.model import GPTModel
+    from slimtron.parallel.state import ParallelState
+
+    cfg = ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=512,
+                      init_method_std=0.006)
+    model = GPTModel(cfg, ParallelState.single(), seed=1)
+    params = dict(model.named_parameters())
+    for name, expected in [("decoder.layers.0.self_attention.linear_qkv.weight", 0.006),
+                           ("decoder.layers.1.mlp.linear_fc1.weight", 0.006),
+                           ("embedding.word_embeddings.weight", 0.006),
+                           ("decoder.layers.2.self_attention.linear_proj.weight",
+                            0.006 / math.sqrt(8)),
+                           ("decoder.layers.3.mlp.linear_fc2.weight", 0.006 / math.sqrt(8))]:
+        std = params[name].detach()[:512].std().item()
+        assert std == pytest.approx(expected, rel=0.03), name

@@ -122,7 +122,8 @@ class GPTModel(nn.Module):
             self.embedding = LanguageModelEmbedding(config, pstate, rng_tracker=self.rng_tracker,
                                                     with_positions=pre_process, **common)
             self.embedding.word_embeddings.weight.shared_embedding = tied
-        self.rotary = (RotaryEmbedding(config.kv_channels, config.rotary_base)
+        self.rotary = (RotaryEmbedding(config.kv_channels, config.rotary_base,
+                                       config.rotary_percent)
                        if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, pstate, layer_numbers, post_process=post_process,
                                         rng_tracker=self.rng_tracker,

@@ -90,7 +90,8 @@ def initial_shard(global_name: str, full_shape, config: ModelConfig, seed: int, 
     if global_name.endswith(".bias"):
         return torch.zeros(shape, device="cpu")
     if len(full_shape) == 1:  # norm weights are the only 1-d weights
-        return torch.ones(shape, device="cpu")
+        # --apply-layernorm-1p stores gamma - 1: the same identity scale at the start.
+        return (torch.zeros if config.apply_layernorm_1p else torch.ones)(shape, device="cpu")
     per_chunk = full_shape[dim] // chunks
     piece = per_chunk // tp_size
     pieces = [_draw_rows(global_name, full_shape, dim,

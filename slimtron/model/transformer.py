@@ -69,6 +69,8 @@ class Norm(nn.Module):
         super().__init__()
         self.kind = config.normalization
         self.eps = config.norm_epsilon
+        # --apply-layernorm-1p: the weight holds gamma - 1 (zero-centered; it starts at zero).
+        self.zero_centered = config.apply_layernorm_1p
         self.weight = empty_parameter((hidden_size,), params_dtype, device)
         set_parallel_attributes(self.weight, full_shape=(hidden_size,),
                                 sequence_parallel=sequence_parallel)
@@ -80,23 +82,26 @@ class Norm(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.zero_centered else self.weight
         if self.kind == "LayerNorm":
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-        return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.layer_norm(x, weight, self.bias, self.eps)
+        return kernels.rms_norm(x, weight, self.eps)
 
 
 # ---- rotary position embedding -------------------------------------------------------------
 
 class RotaryEmbedding(nn.Module):
-    """Rotary embedding, rotate-half form (as Megatron and HF Llama); no parameters or buffers."""
+    """Rotary embedding, rotate-half form (as Megatron and HF Llama); no parameters or buffers.
+    ``percent`` < 1 rotates only the first ``head_dim * percent`` dims of each head (Megatron's
+    ``--rotary-percent``); the frequencies are those of a head of that many dims."""
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, percent: float = 1.0):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim = int(head_dim * percent)  # the rotated dims
         self.base = base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[b, s]`` -> (cos, sin), each ``[s, b, 1, head_dim]`` in fp32."""
+        """positions ``[b, s]`` -> (cos, sin), each ``[s, b, 1, rotated dims]`` in fp32."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32,
                                  device=positions.device) / self.head_dim
         inv_freq = 1.0 / (self.base ** exponents)
@@ -106,7 +111,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[s, b, heads, d]``; computed in fp32, returned in x's dtype."""
+    """x ``[s, b, heads, d]``; computed in fp32, returned in x's dtype. Dims past cos's last
+    (partial rotary) pass through unchanged."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        rotated = apply_rotary(x[..., :rotary_dim], cos, sin)
+        return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
     xf = x.float()
     first, second = xf.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)

@@ -24,10 +24,14 @@ setup(
     # (see README) so that pip never pulls a CUDA wheel on a CPU machine.
     # torch 2.7 is the first release whose torch.autograd.backward accepts a GradientEdge (pytorch
     # PR 144744, merged January 2025 after the 2.6 branch cut); the pipeline's backward passes one.
-    install_requires=["torch>=2.7", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors"],
+    # Everything the README's tools use: tokenizers (GPT-2 BPE), transformers (HF tokenizers and
+    # export), protobuf (sentencepiece's model proto in the HF export), zstandard (.jsonl.zst),
+    # tensorboard (--tensorboard-dir). tiktoken (TikTokenizer) is the "tiktoken" extra.
+    install_requires=["torch>=2.7", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors",
+                      "tokenizers", "transformers", "protobuf", "zstandard", "tensorboard"],
     extras_require={
-        "test": ["pytest", "transformers", "megatron-core", "zstandard", "tensorboard"],
-        "data": ["zstandard"],
+        "test": ["pytest", "megatron-core"],
+        "tiktoken": ["tiktoken"],
     },
     zip_safe=False,
 )

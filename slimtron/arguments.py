@@ -1,9 +1,10 @@
 """Megatron-LM-compatible command line -> ``slimtron.config.Config``, and its validation.
 
 Flags carry Megatron-LM's names wherever the concept is the same, so existing launch scripts port
-with little change. ``parse_args`` only reads the command line; ``validate`` checks the result
-against the world size (and the file system) and fills in what depends on it: the data-parallel
-size, the default global batch and the warm-up iterations from ``--lr-warmup-fraction``.
+with little change. ``parse_args`` only reads the command line; ``validate`` (``Config.validate``,
+where every rule lives) checks the result against the world size and the file system and fills in
+what depends on them: the data-parallel size, the default global batch, the iterations of
+sample-based training.
 
 Every flag's default is ``None`` on the parser, meaning "not given": the dataclass defaults (or the
 ``--preset``) stay the single source of defaults, and explicit flags override preset fields.
@@ -12,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import warnings
 from typing import Optional, Sequence
 
 from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, TrainingConfig,
-                             check_checkpointing, check_context_parallel, check_post_training,
-                             model_preset)
+                             OptimizerConfig, ParallelConfig, TrainingConfig, model_preset,
+                             parse_blend)
 
 # (flag, dest field, argparse options). The dest is the flag's name unless given.
 _MODEL_FLAGS = [
@@ -92,10 +90,6 @@ _DATA_FLAGS = [
     ("--split", None, dict(type=str)),
     ("--tokenizer-type", None, dict(type=str)),
     ("--tokenizer-model", None, dict(type=str)),
-    ("--vocab-file", None, dict(type=str, help="GPT-2 vocab.json; with --merge-file and no "
-                                              "--tokenizer-type: GPT2BPETokenizer")),
-    ("--merge-file", None, dict(type=str, help="GPT-2 merges.txt")),
-    ("--tiktoken-pattern", None, dict(choices=["v1", "v2"])),
     ("--vocab-file", None, dict(type=str, help="GPT-2 vocab.json; with --merge-file and no "
                                               "--tokenizer-type: GPT2BPETokenizer")),
     ("--merge-file", None, dict(type=str, help="GPT-2 merges.txt")),
@@ -271,183 +265,9 @@ def _flag_argv(flag: str, options: dict, value) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# validation
+# validation: the rules live in slimtron.config (``Config.validate``), written once
 
 
 def validate(config: Config, world_size: int, *, check_files: bool = True) -> Config:
-    """Check ``config`` for ``world_size`` ranks; fill in derived settings; return it.
-
-    Raises ConfigError with one line naming the setting. ``check_files=False`` skips the checks
-    that look at the file system and the need for a data source (for planning tools and tests).
-    Calling it twice with the same world size is harmless.
-    """
-    _check_precision(config.optim)
-    _resolve_data_parallel(config.parallel, world_size)
-    _check_model_split(config.model, config.parallel)
-    _check_sequence_parallel(config.parallel)
-    check_context_parallel(config.model, config.parallel)
-    _check_batch(config.training, config.parallel, config.model)
-    _check_recompute(config.training, config.model, config.parallel)
-    _resolve_warmup(config.optim, config.training)
-    _check_lengths(config.model)
-    check_post_training(config.data, config.training)
-    check_checkpointing(config.training)
-    if check_files:
-        _check_files(config.data, config.training)
-    return config
-
-
-def _check_precision(optim: OptimizerConfig) -> None:
-    if optim.fp16 and optim.bf16:
-        raise ConfigError("--fp16 and --bf16 are both set; choose one")
-
-
-def _resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> None:
-    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size "
-                          f"{pp} must be positive")
-    if world_size % (tp * pp * cp):
-        with_cp = f" x --context-parallel-size {cp}" if cp > 1 else ""
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-"
-                          f"size {tp} x --pipeline-model-parallel-size {pp}{with_cp} = "
-                          f"{tp * pp * cp}")
-    dp = world_size // (tp * pp * cp)
-    if parallel.data_parallel_size not in (None, dp):
-        raise ConfigError(f"data_parallel_size {parallel.data_parallel_size} does not match world "
-                          f"size {world_size} / (tp {tp} x pp {pp} x cp {cp}) = {dp}")
-    parallel.data_parallel_size = dp
-
-
-def _check_model_split(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Every tensor-parallel dimension splits evenly; layers split evenly over (virtual) stages."""
-    tp, pp = parallel.tp, parallel.pp
-    for what, size in [("--num-attention-heads", model.num_attention_heads),
-                       ("--num-query-groups", model.num_query_groups),
-                       ("--ffn-hidden-size", model.ffn_hidden_size),
-                       ("--hidden-size", model.hidden_size)]:
-        if size % tp:
-            raise ConfigError(f"{what} {size} is not divisible by --tensor-model-parallel-size {tp}")
-    if model.make_vocab_size_divisible_by < 1:
-        # The padded vocabulary is a multiple of this times tp, hence always splits over tp.
-        raise ConfigError("--make-vocab-size-divisible-by must be positive, got "
-                          f"{model.make_vocab_size_divisible_by}")
-    if model.num_layers % pp:
-        raise ConfigError(f"--num-layers {model.num_layers} is not divisible by "
-                          f"--pipeline-model-parallel-size {pp}")
-    per_virtual = parallel.num_layers_per_virtual_pipeline_stage
-    if per_virtual is not None:
-        if pp < 2:
-            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs "
-                              "--pipeline-model-parallel-size > 1")
-        if per_virtual < 1 or model.num_layers % (pp * per_virtual):
-            raise ConfigError(f"--num-layers {model.num_layers} is not divisible by "
-                              f"--pipeline-model-parallel-size {pp} x "
-                              f"--num-layers-per-virtual-pipeline-stage {per_virtual}")
-
-
-def _check_sequence_parallel(parallel: ParallelConfig) -> None:
-    if parallel.sequence_parallel and parallel.tp == 1:
-        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
-                      "turning it off", stacklevel=3)
-        parallel.sequence_parallel = False
-
-
-def _check_batch(training: TrainingConfig, parallel: ParallelConfig, model: ModelConfig) -> None:
-    mbs, dp = training.micro_batch_size, parallel.data_parallel_size
-    if mbs < 1:
-        raise ConfigError(f"--micro-batch-size must be positive, got {mbs}")
-    if training.global_batch_size is None:
-        training.global_batch_size = mbs * dp
-    gbs = training.global_batch_size
-    if gbs < 1 or gbs % (mbs * dp):
-        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} "
-                          f"x data-parallel size {dp} = {mbs * dp}")
-    num_microbatches = gbs // (mbs * dp)
-    if parallel.virtual_pipeline_size(model.num_layers) > 1 and num_microbatches % parallel.pp:
-        raise ConfigError(f"interleaved schedule: number of micro-batches {num_microbatches} "
-                          f"(global batch {gbs} / (micro-batch {mbs} x dp {dp})) is not divisible "
-                          f"by --pipeline-model-parallel-size {parallel.pp}")
-
-
-def _check_recompute(training: TrainingConfig, model: ModelConfig,
-                     parallel: ParallelConfig) -> None:
-    """Megatron's rules: full needs a method and a layer count; selective takes neither."""
-    granularity, method, layers = (training.recompute_granularity, training.recompute_method,
-                                   training.recompute_num_layers)
-    if granularity not in (None, "full", "selective"):
-        raise ConfigError(f"--recompute-granularity must be full or selective, got {granularity!r}")
-    if method not in (None, "uniform", "block"):
-        raise ConfigError(f"--recompute-method must be uniform or block, got {method!r}")
-    if granularity == "full":
-        if method is None or layers is None:
-            raise ConfigError("--recompute-granularity full needs --recompute-method "
-                              "(uniform|block) and --recompute-num-layers")
-        layers_per_stage = model.num_layers // parallel.pp
-        if not 1 <= layers <= layers_per_stage:
-            raise ConfigError(f"--recompute-num-layers {layers} must be between 1 and the "
-                              f"{layers_per_stage} layers per pipeline stage")
-    elif method is not None or layers is not None:
-        flag = "--recompute-method" if method is not None else "--recompute-num-layers"
-        raise ConfigError(f"{flag} needs --recompute-granularity full "
-                          f"(got {granularity or 'no recompute'})")
-
-
-def _resolve_warmup(optim: OptimizerConfig, training: TrainingConfig) -> None:
-    fraction = optim.lr_warmup_fraction
-    if fraction is None:
-        return
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {fraction}")
-    warmup = int(fraction * (optim.lr_decay_iters or training.train_iters))
-    if optim.lr_warmup_iters not in (0, warmup):
-        raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are both set; choose one")
-    optim.lr_warmup_iters = warmup
-
-
-def _check_lengths(model: ModelConfig) -> None:
-    if model.seq_length > model.max_position_embeddings:
-        raise ConfigError(f"--seq-length {model.seq_length} exceeds --max-position-embeddings "
-                          f"{model.max_position_embeddings}")
-
-
-def parse_blend(data_path: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
-    """``--data-path`` as (prefixes, weights): ``P``, ``P1 P2 ...`` (no weights) or ``W1 P1 ...``."""
-    paths = list(data_path)
-    weights = [_as_float(p) for p in paths[0::2]]
-    if len(paths) > 1 and len(paths) % 2 == 0 and all(w is not None for w in weights):
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"--data-path weights must be non-negative with a positive sum, "
-                              f"got {weights}")
-        return paths[1::2], weights
-    if any(_as_float(p) is not None for p in paths):
-        raise ConfigError("--data-path must be PREFIX..., or WEIGHT PREFIX pairs; got "
-                          + " ".join(paths))
-    return paths, None
-
-
-def _as_float(text: str) -> Optional[float]:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _check_files(data: DataConfig, training: TrainingConfig) -> None:
-    if not data.data_path and not data.mock_data:
-        raise ConfigError("no --data-path given (use --mock-data for synthetic tokens)")
-    prefixes, _ = parse_blend(data.data_path) if data.data_path else ([], None)
-    for prefix in prefixes:
-        for suffix in ((".bin", ".idx") if not data.sft else ("",)):
-            if not os.path.isfile(prefix + suffix):
-                raise ConfigError(f"--data-path: {prefix + suffix} does not exist")
-    if training.kd_teacher_load and not os.path.isdir(training.kd_teacher_load):
-        raise ConfigError(f"--kd-teacher-load: directory {training.kd_teacher_load} does not exist")
-    # A HuggingFace tokenizer may be a hub name; every other kind is a local file.
-    if data.tokenizer_model and data.tokenizer_type != "HuggingFaceTokenizer":
-        if not os.path.exists(data.tokenizer_model):
-            raise ConfigError(f"--tokenizer-model: {data.tokenizer_model} does not exist")
-    # --load equal to --save is the auto-resume idiom: a missing directory there is a fresh start.
-    resuming_own_run = training.load == training.save
-    if training.load and not resuming_own_run and not os.path.isdir(training.load):
-        raise ConfigError(f"--load: directory {training.load} does not exist")
+    """``config.validate(world_size)``: check it and fill in what depends on the world size."""
+    return config.validate(world_size, check_files=check_files)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -116,8 +118,12 @@ class OptimizerConfig:
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"  # constant | linear | cosine
     lr_warmup_iters: int = 0
-    lr_warmup_fraction: Optional[float] = None  # of lr_decay_iters; excludes lr_warmup_iters
+    lr_warmup_fraction: Optional[float] = None  # of the decay length; excludes lr_warmup_iters
     lr_decay_iters: Optional[int] = None  # default train_iters
+    lr_warmup_samples: int = 0  # sample-based training (--train-samples) only
+    lr_decay_samples: Optional[int] = None  # default train_samples
+    decoupled_lr: Optional[float] = None  # max lr of the input embedding and output layer
+    decoupled_min_lr: Optional[float] = None  # their min lr (default --min-lr)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -152,6 +158,7 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     mock_data: bool = False  # synthetic tokens instead of --data-path
+    mmap_bin_files: bool = True  # --no-mmap-bin-files reads .bin files without memory-mapping
     sft: bool = False  # --data-path names .jsonl conversations (slimtron.data.sft_dataset)
 
 
@@ -159,7 +166,11 @@ class DataConfig:
 class TrainingConfig:
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None  # default micro_batch_size * dp
-    train_iters: int = 10
+    train_iters: Optional[int] = 10  # derived from train_samples when that is given
+    train_samples: Optional[int] = None
+    rampup_batch_size: Optional[list] = None  # [start, increment, samples]
+    step_batch_size_schedule: Optional[str] = None  # "THRESHOLD:BATCH ..." (thresholds in tokens)
+    calculate_per_token_loss: bool = False  # sum over tokens / global token count
     seed: int = 1234
     log_interval: int = 1
     eval_interval: Optional[int] = None
@@ -178,6 +189,19 @@ class TrainingConfig:
     recompute_method: Optional[str] = None  # "uniform" | "block"
     recompute_num_layers: Optional[int] = None
     eval_only: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    exit_signal_handler: bool = False  # on SIGTERM: finish the step, save, exit 0
+    manual_gc: bool = False  # Python's collector only every manual_gc_interval steps
+    manual_gc_interval: int = 0  # 0: only where Megatron collects (at checkpoints, evaluation)
+    empty_unused_memory_level: int = 0  # 1: empty the CUDA cache after each step, 2: also eval
+    log_throughput: bool = False
+    profile: bool = False  # torch profiler trace of steps [profile_step_start, profile_step_end)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list = field(default_factory=lambda: [0])
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
     kd_teacher_load: Optional[str] = None  # distil from this checkpoint (post_training.distillation)
     kd_temperature: Optional[float] = None  # default 1.0 with a teacher
     kd_alpha: Optional[float] = None  # weight of the KD term against the LM loss; default 1.0
@@ -193,6 +217,33 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self, world_size: int, *, check_files: bool = True) -> "Config":
+        """Check this config for ``world_size`` ranks; fill in derived settings; return it.
+
+        Raises ConfigError with one line naming the setting. ``check_files=False`` skips the
+        checks that look at the file system and the need for a data source (for planning tools
+        and tests). Calling it twice with the same world size is harmless.
+        """
+        m, p, o, d, t = self.model, self.parallel, self.optim, self.data, self.training
+        check_precision(o)
+        resolve_data_parallel(p, world_size)
+        check_model_split(m, p.tp, p.pp, sequence_parallel=p.sequence_parallel and p.tp > 1,
+                          layers_per_virtual_stage=p.num_layers_per_virtual_pipeline_stage)
+        check_sequence_parallel(p)
+        check_context_parallel(m, p)
+        check_batch(t, p, m)
+        check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
+                        m.num_layers // p.pp)
+        resolve_training_length(t, o, p, m)
+        check_warmup(o)
+        check_decoupled_lr(o)
+        check_lengths(m)
+        check_post_training(d, t)
+        check_checkpointing(t)
+        if check_files:
+            check_data_files(d, t)
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -254,6 +305,232 @@ def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None
         raise ConfigError(f"--attention-dropout {model.attention_dropout} with "
                           f"--context-parallel-size {cp}: ring attention has no attention "
                           "dropout; set --attention-dropout 0")
+
+
+# ---- validation: every rule, once --------------------------------------------------------------
+# ``Config.validate`` runs them all (the CLI and training's setup call it); the model builder and
+# the optimizer call the parts they depend on (``check_model_split``, ``check_precision``,
+# ``check_recompute``), so one rule has one wording wherever it is hit.
+
+
+def check_precision(optim: OptimizerConfig) -> None:
+    if optim.fp16 and optim.bf16:
+        raise ConfigError("--fp16 and --bf16 are both set; choose one")
+
+
+def resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> None:
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size "
+                          f"{pp} must be positive")
+    if world_size % (tp * pp * cp):
+        with_cp = f" x --context-parallel-size {cp}" if cp > 1 else ""
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-"
+                          f"size {tp} x --pipeline-model-parallel-size {pp}{with_cp} = "
+                          f"{tp * pp * cp}")
+    dp = world_size // (tp * pp * cp)
+    if parallel.data_parallel_size not in (None, dp):
+        raise ConfigError(f"data_parallel_size {parallel.data_parallel_size} does not match world "
+                          f"size {world_size} / (tp {tp} x pp {pp} x cp {cp}) = {dp}")
+    parallel.data_parallel_size = dp
+
+
+def check_model_split(model: ModelConfig, tp: int, pp: int = 1, virtual_pp: int = 1,
+                      sequence_parallel: bool = False,
+                      layers_per_virtual_stage: Optional[int] = None) -> None:
+    """Every tensor-parallel dimension splits evenly; layers split evenly over (virtual) stages."""
+    for what, size in [("--num-attention-heads", model.num_attention_heads),
+                       ("--num-query-groups", model.num_query_groups),
+                       ("--ffn-hidden-size", model.ffn_hidden_size),
+                       ("--hidden-size", model.hidden_size)]:
+        if size % tp:
+            raise ConfigError(f"{what} {size} is not divisible by --tensor-model-parallel-size {tp}")
+    if model.make_vocab_size_divisible_by < 1:
+        # The padded vocabulary is a multiple of this times tp, hence always splits over tp.
+        raise ConfigError("--make-vocab-size-divisible-by must be positive, got "
+                          f"{model.make_vocab_size_divisible_by}")
+    if sequence_parallel and model.seq_length % tp:
+        raise ConfigError(f"--seq-length {model.seq_length} is not divisible by "
+                          f"--tensor-model-parallel-size {tp} (sequence parallelism)")
+    if model.num_layers % pp:
+        raise ConfigError(f"--num-layers {model.num_layers} is not divisible by "
+                          f"--pipeline-model-parallel-size {pp}")
+    if layers_per_virtual_stage is not None:
+        if pp < 2:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs "
+                              "--pipeline-model-parallel-size > 1")
+        if layers_per_virtual_stage < 1 or model.num_layers % (pp * layers_per_virtual_stage):
+            raise ConfigError(f"--num-layers {model.num_layers} is not divisible by "
+                              f"--pipeline-model-parallel-size {pp} x "
+                              f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage}")
+    elif model.num_layers % (pp * virtual_pp):
+        raise ConfigError(f"--num-layers {model.num_layers} is not divisible by "
+                          f"--pipeline-model-parallel-size {pp} x {virtual_pp} virtual stages")
+
+
+def check_sequence_parallel(parallel: ParallelConfig) -> None:
+    if parallel.sequence_parallel and parallel.tp == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+                      "turning it off", stacklevel=3)
+        parallel.sequence_parallel = False
+
+
+def check_batch(training: TrainingConfig, parallel: ParallelConfig, model: ModelConfig) -> None:
+    """Micro-batch and global batch (the final one, under a batch-size schedule) against dp."""
+    mbs, dp = training.micro_batch_size, parallel.data_parallel_size
+    if mbs < 1:
+        raise ConfigError(f"--micro-batch-size must be positive, got {mbs}")
+    _resolve_batch_schedule(training, model)
+    if training.global_batch_size is None:
+        training.global_batch_size = mbs * dp
+    gbs = training.global_batch_size
+    if gbs < 1 or gbs % (mbs * dp):
+        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} "
+                          f"x data-parallel size {dp} = {mbs * dp}")
+    num_microbatches = gbs // (mbs * dp)
+    if parallel.virtual_pipeline_size(model.num_layers) > 1 and num_microbatches % parallel.pp:
+        raise ConfigError(f"interleaved schedule: number of micro-batches {num_microbatches} "
+                          f"(global batch {gbs} / (micro-batch {mbs} x dp {dp})) is not divisible "
+                          f"by --pipeline-model-parallel-size {parallel.pp}")
+
+
+def _resolve_batch_schedule(training: TrainingConfig, model: ModelConfig) -> None:
+    """--rampup-batch-size and --step-batch-size-schedule: one at a most; the schedule's last
+    batch is the global batch (which, if also given, must be that batch)."""
+    rampup, steps = training.rampup_batch_size, training.step_batch_size_schedule
+    if rampup is not None and steps is not None:
+        raise ConfigError("--rampup-batch-size and --step-batch-size-schedule are both set; "
+                          "choose one")
+    if rampup is not None and len(rampup) != 3:
+        raise ConfigError(f"--rampup-batch-size takes 3 values (start, increment, samples), "
+                          f"got {list(rampup)}")
+    if steps is not None:
+        from slimtron.training.batch_schedule import parse_step_schedule
+        last = parse_step_schedule(steps, model.seq_length)[-1][1]
+        if training.global_batch_size not in (None, last):
+            raise ConfigError(f"--global-batch-size {training.global_batch_size} differs from the "
+                              f"last batch size {last} of --step-batch-size-schedule")
+        training.global_batch_size = last
+
+
+def check_recompute(granularity: Optional[str], method: Optional[str],
+                    num_layers: Optional[int], layers_per_stage: Optional[int] = None) -> None:
+    """Megatron's rules: full needs a method and a layer count; selective takes neither."""
+    if granularity not in (None, "full", "selective"):
+        raise ConfigError(f"--recompute-granularity must be full or selective, got {granularity!r}")
+    if method not in (None, "uniform", "block"):
+        raise ConfigError(f"--recompute-method must be uniform or block, got {method!r}")
+    if granularity == "full":
+        if method is None or num_layers is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method "
+                              "(uniform|block) and --recompute-num-layers")
+        upper = layers_per_stage if layers_per_stage is not None else num_layers
+        if not 1 <= num_layers <= upper:
+            raise ConfigError(f"--recompute-num-layers {num_layers} must be between 1 and the "
+                              f"{upper} layers per pipeline stage")
+    elif method is not None or num_layers is not None:
+        flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+        raise ConfigError(f"{flag} needs --recompute-granularity full "
+                          f"(got {granularity or 'no recompute'})")
+
+
+def resolve_training_length(training: TrainingConfig, optim: OptimizerConfig,
+                            parallel: ParallelConfig, model: ModelConfig) -> None:
+    """Iteration-based (--train-iters, --lr-*-iters) or sample-based (--train-samples,
+    --lr-*-samples) training, as Megatron: never a mix. Sample-based sets train_iters from the
+    (possibly growing) batch size."""
+    if training.train_samples is None:
+        if optim.lr_decay_samples is not None or optim.lr_warmup_samples:
+            flag = "--lr-decay-samples" if optim.lr_decay_samples is not None \
+                else "--lr-warmup-samples"
+            raise ConfigError(f"{flag} needs sample-based training (--train-samples)")
+        if training.rampup_batch_size is not None:
+            raise ConfigError("--rampup-batch-size needs sample-based training (--train-samples), "
+                              "as in Megatron")
+        if training.train_iters is None:
+            raise ConfigError("give --train-iters or --train-samples")
+        return
+    if optim.lr_decay_iters is not None or optim.lr_warmup_iters:
+        flag = "--lr-decay-iters" if optim.lr_decay_iters is not None else "--lr-warmup-iters"
+        raise ConfigError(f"{flag} is iteration-based; with --train-samples use "
+                          f"{flag.replace('iters', 'samples')}")
+    if training.train_samples < 1:
+        raise ConfigError(f"--train-samples must be positive, got {training.train_samples}")
+    from slimtron.training.batch_schedule import BatchSchedule
+    schedule = BatchSchedule.from_config(training, parallel.data_parallel_size, model.seq_length)
+    iterations = schedule.iterations_for(training.train_samples)
+    if training.train_iters not in (None, iterations):
+        raise ConfigError("--train-iters and --train-samples are both set; choose one")
+    training.train_iters = iterations
+
+
+def check_warmup(optim: OptimizerConfig) -> None:
+    fraction = optim.lr_warmup_fraction
+    if fraction is None:
+        return
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {fraction}")
+    if optim.lr_warmup_iters or optim.lr_warmup_samples:
+        flag = "--lr-warmup-iters" if optim.lr_warmup_iters else "--lr-warmup-samples"
+        raise ConfigError(f"--lr-warmup-fraction and {flag} are both set; choose one")
+
+
+def check_decoupled_lr(optim: OptimizerConfig) -> None:
+    if optim.decoupled_min_lr is not None and optim.decoupled_lr is None:
+        raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+    if optim.decoupled_lr is not None:
+        low = optim.min_lr if optim.decoupled_min_lr is None else optim.decoupled_min_lr
+        if not 0.0 <= low <= optim.decoupled_lr:
+            raise ConfigError(f"need 0 <= --decoupled-min-lr ({low}) <= --decoupled-lr "
+                              f"({optim.decoupled_lr})")
+
+
+def check_lengths(model: ModelConfig) -> None:
+    if model.seq_length > model.max_position_embeddings:
+        raise ConfigError(f"--seq-length {model.seq_length} exceeds --max-position-embeddings "
+                          f"{model.max_position_embeddings}")
+
+
+def parse_blend(data_path) -> tuple[list[str], Optional[list[float]]]:
+    """``--data-path`` as (prefixes, weights): ``P``, ``P1 P2 ...`` (no weights) or ``W1 P1 ...``."""
+    paths = list(data_path)
+    weights = [_as_float(p) for p in paths[0::2]]
+    if len(paths) > 1 and len(paths) % 2 == 0 and all(w is not None for w in weights):
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"--data-path weights must be non-negative with a positive sum, "
+                              f"got {weights}")
+        return paths[1::2], weights
+    if any(_as_float(p) is not None for p in paths):
+        raise ConfigError("--data-path must be PREFIX..., or WEIGHT PREFIX pairs; got "
+                          + " ".join(paths))
+    return paths, None
+
+
+def _as_float(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def check_data_files(data: DataConfig, training: TrainingConfig) -> None:
+    if not data.data_path and not data.mock_data:
+        raise ConfigError("no --data-path given (use --mock-data for synthetic tokens)")
+    prefixes, _ = parse_blend(data.data_path) if data.data_path else ([], None)
+    for prefix in prefixes:
+        for suffix in ((".bin", ".idx") if not data.sft else ("",)):
+            if not os.path.isfile(prefix + suffix):
+                raise ConfigError(f"--data-path: {prefix + suffix} does not exist")
+    if training.kd_teacher_load and not os.path.isdir(training.kd_teacher_load):
+        raise ConfigError(f"--kd-teacher-load: directory {training.kd_teacher_load} does not exist")
+    # A HuggingFace tokenizer may be a hub name; every other kind is a local file.
+    if data.tokenizer_model and data.tokenizer_type != "HuggingFaceTokenizer":
+        if not os.path.exists(data.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model: {data.tokenizer_model} does not exist")
+    # --load equal to --save is the auto-resume idiom: a missing directory there is a fresh start.
+    resuming_own_run = training.load == training.save
+    if training.load and not resuming_own_run and not os.path.isdir(training.load):
+        raise ConfigError(f"--load: directory {training.load} does not exist")
 
 
 def _llama(num_layers, hidden, ffn, heads, groups=None, seq=4096, vocab=32000) -> ModelConfig:

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from slimtron.config import ConfigError, ModelConfig
+from slimtron.config import ModelConfig, check_model_split
 from slimtron.model.init import initialize_parameters
 from slimtron.model.transformer import (RecomputeArg, RotaryEmbedding, TransformerBlock,
                                         as_recompute, hidden_dropout)
@@ -27,23 +27,9 @@ from slimtron.parallel.random import RNGStatesTracker
 
 def validate_parallel_config(config: ModelConfig, tp: int, pp: int = 1, virtual_pp: int = 1,
                              sequence_parallel: bool = False) -> None:
-    """Raise ConfigError (one line) when the model cannot be split this way."""
-    for value, name in ((config.num_attention_heads, "num attention heads"),
-                        (config.num_query_groups, "num query groups"),
-                        (config.ffn_hidden_size, "ffn hidden size"),
-                        (config.hidden_size, "hidden size")):
-        if value % tp:
-            raise ConfigError(f"{name} ({value}) is not divisible by the tensor-model-parallel "
-                              f"size ({tp})")
-    if sequence_parallel and config.seq_length % tp:
-        raise ConfigError(f"seq length ({config.seq_length}) is not divisible by the "
-                          f"tensor-model-parallel size ({tp}) required by sequence parallelism")
-    if config.num_layers % pp:
-        raise ConfigError(f"num layers ({config.num_layers}) is not divisible by the "
-                          f"pipeline-model-parallel size ({pp})")
-    if config.num_layers % (pp * virtual_pp):
-        raise ConfigError(f"num layers ({config.num_layers}) is not divisible by pipeline size "
-                          f"({pp}) x virtual pipeline size ({virtual_pp})")
+    """Raise ConfigError (one line) when the model cannot be split this way (the rule of
+    ``Config.validate``, ``slimtron.config.check_model_split``)."""
+    check_model_split(config, tp, pp, virtual_pp, sequence_parallel)
 
 
 def chunk_layer_numbers(num_layers: int, pp_size: int, pp_rank: int, virtual_pp_size: int = 1,

@@ -309,15 +309,32 @@ class SFTDataset(torch.utils.data.Dataset):
                 "segment_ids": torch.from_numpy(segments)}
 
 
+def _tokenize_on_rank_zero_first(paths: Sequence[str], tokenizer, cache_dir: Optional[str]):
+    """Collective when torch.distributed is initialised: rank 0 fills the cache, then the others
+    read it instead of tokenizing the same files again."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if dist.get_rank() == 0:
+        for path in paths:
+            tokenize_file(path, tokenizer, cache_dir)
+    dist.barrier()
+
+
 def build_sft_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Sequence[int], tokenizer, cache_dir: Optional[str] = None,
                        log=print) -> list[Optional[torch.utils.data.Dataset]]:
     """[train, valid, test] packed SFT datasets of .jsonl files (blended by weight as
-    ``--data-path`` blends corpora); None where a split is empty or not wanted."""
+    ``--data-path`` blends corpora); None where a split is empty or not wanted. Collective when
+    torch.distributed is initialised (every rank calls it)."""
     from slimtron.data.blended_dataset import BlendedDataset, parse_data_path
     from slimtron.data.gpt_dataset import SPLIT_NAMES, split_document_ranges
 
     paths, weights = parse_data_path(data_path)
+    if tokenizer is None:
+        raise ConfigError("--sft needs a tokenizer (--tokenizer-type, --tokenizer-model)")
+    _tokenize_on_rank_zero_first(paths, tokenizer, cache_dir)
     per_file = []
     for path in paths:
         conv = tokenize_file(path, tokenizer, cache_dir)

@@ -85,6 +85,8 @@ def load_teacher(teacher_dir: str, student: Config, pstate, *, sequence_parallel
         validate_parallel_config(model_cfg, pstate.tp_size, sequence_parallel=sequence_parallel)
     except ConfigError as e:
         raise ConfigError(f"--kd-teacher-load {teacher_dir}: the teacher {e}") from None
+    if pstate.cp.size > 1:
+        raise ConfigError("--kd-teacher-load is not supported with --context-parallel-size > 1")
     if not pstate.is_last_stage:
         return None
     teacher = GPTModel(model_cfg, pstate, pre_process=True, post_process=True,
@@ -115,3 +117,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         return alpha * kd
     ce = vocab_parallel_cross_entropy(student_logits, labels, vocab_size, group)
     return alpha * kd + (1.0 - alpha) * ce
+
+
+def micro_batch_loss(student_logits: torch.Tensor, teacher, batch: dict, config: Config,
+                     group=None) -> torch.Tensor:
+    """The per-token training loss of one micro-batch under --kd-teacher-load: the teacher reads
+    the same tokens, positions and document segments as the student."""
+    t = config.training
+    target = teacher_logits(teacher, batch["tokens"], batch["position_ids"],
+                            segment_ids=batch.get("segment_ids"))
+    return distillation_loss(student_logits, target, batch["labels"], config.model.vocab_size,
+                             temperature=t.kd_temperature, alpha=t.kd_alpha, group=group)

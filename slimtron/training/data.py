@@ -6,6 +6,7 @@ import torch
 from slimtron.config import Config, ConfigError
 from slimtron.parallel.context_parallel import shard_batch
 from slimtron.parallel.state import ParallelState
+from slimtron.training.metrics import log
 
 
 def build_datasets(config: Config, tokenizer, pstate: ParallelState):
@@ -22,6 +23,11 @@ def build_datasets(config: Config, tokenizer, pstate: ParallelState):
     if config.data.mock_data:
         datasets = tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i)
                          for i, n in enumerate(num_samples))
+    elif config.data.sft:
+        from slimtron.data.sft_dataset import build_sft_datasets
+        datasets = tuple(build_sft_datasets(
+            config.data.data_path, config.data.split, seq, t.seed, num_samples, tokenizer,
+            cache_dir=config.data.data_cache_path, log=lambda line: log(pstate, line)))
     else:  # collective (rank 0 builds the index cache, the others wait): every rank calls it
         datasets = tuple(build_train_valid_test_datasets(
             config.data.data_path, config.data.split, seq, t.seed, num_samples,

@@ -19,6 +19,7 @@ from slimtron.parallel import comm
 from slimtron.parallel.finalize_grads import finalize_model_grads
 from slimtron.parallel.pipeline import forward_backward
 from slimtron.parallel.state import ParallelState
+from slimtron.post_training.distillation import micro_batch_loss
 from slimtron.training.data import microbatches_for
 from slimtron.training.metrics import (IterationLog, TensorBoard, ThroughputWindow, log,
                                        validation_block)
@@ -27,10 +28,13 @@ from slimtron.training.setup import (Engine, TrainState, finish_saving, save, se
 
 
 # --------------------------------------------------------------------------------------- step
-def make_forward_step(engine: Engine, loss_scale: float):
-    """The closure the pipeline executor calls for one (chunk, micro-batch)."""
+def make_forward_step(engine: Engine, loss_scale: float, forward_only: bool = False):
+    """The closure the pipeline executor calls for one (chunk, micro-batch). With a teacher
+    (--kd-teacher-load) a training step's loss is the distillation loss; evaluation keeps the
+    LM loss, so validation perplexities compare with and without distillation."""
     n = engine.num_microbatches
     cp = engine.pstate.cp
+    teacher = None if forward_only else engine.teacher
 
     def forward_step(chunk_index: int, batch: Optional[dict], input_tensor):
         model = engine.model_chunks[chunk_index]
@@ -38,10 +42,13 @@ def make_forward_step(engine: Engine, loss_scale: float):
         positions = batch["position_ids"] if batch is not None else None
         labels = batch["labels"] if (batch is not None and model.post_process) else None
         segments = batch.get("segment_ids") if batch is not None else None
-        out = model(tokens=tokens, position_ids=positions, labels=labels,
+        distil = teacher is not None and model.post_process
+        out = model(tokens=tokens, position_ids=positions, labels=None if distil else labels,
                     hidden_states=input_tensor, segment_ids=segments)
         if not model.post_process:
             return out
+        if distil:
+            out = micro_batch_loss(out, teacher, batch, engine.config, engine.pstate.tp.group)
         mask = batch["loss_mask"].float()
         # A cp rank holds part of each sequence: it divides by the whole sequence's token count
         # and scales by cp, since grads and the logged loss are averaged over dp x cp.
@@ -65,7 +72,8 @@ def run_batch(engine: Engine, microbatches: list, forward_only: bool) -> Optiona
     Each cp rank's loss is its share times cp (make_forward_step), so the mean over dp x cp is
     the mean over DP."""
     scale = 1.0 if forward_only else engine.optimizer.loss_scale
-    losses = forward_backward(engine.model_chunks, make_forward_step(engine, scale), microbatches,
+    losses = forward_backward(engine.model_chunks, make_forward_step(engine, scale, forward_only),
+                              microbatches,
                               engine.pstate, activation_shape(engine.config, engine.pstate),
                               engine.params_dtype, forward_only=forward_only)
     if not engine.pstate.is_last_stage:

@@ -47,6 +47,7 @@ class Engine:
     num_microbatches: int
     available: tuple = (False, False, False)  # which splits exist (same on every rank)
     async_saver: Optional[checkpointing.AsyncSaver] = None  # --async-save, made at first save
+    teacher: Optional[torch.nn.Module] = None  # --kd-teacher-load, on the last pipeline stage
 
 
 def build_tokenizer_for(config: Config):
@@ -98,6 +99,11 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
         grads.set_microbatches_per_step(num_micro)
     engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
                     params_dtype, num_micro)
+    if training and t.kd_teacher_load:
+        from slimtron.post_training.distillation import load_teacher
+        engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,
+                                      sequence_parallel=p.sequence_parallel,
+                                      params_dtype=params_dtype, seed=t.seed)
     if t.load:
         load(engine)
     engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)

@@ -81,7 +81,9 @@ def build_engine(config: Config, world: int) -> training.Engine:
     """Model (weights from the checkpoint) and datasets (the tokenizer gives their end-of-document
     id); no gradients, no optimizer."""
     tokenizer = build_model_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model,
-                                      config.model.vocab_size, config.training.load)
+                                      config.model.vocab_size, config.training.load,
+                                      vocab_file=config.data.vocab_file,
+                                      merge_file=config.data.merge_file)
     return training.setup(config, world, training=False, tokenizer=tokenizer)
 
 

@@ -65,7 +65,9 @@ def run(args) -> list[int]:
     config = Config.from_dict(common["config"])
     tokenizer = build_model_tokenizer(args.tokenizer_type or config.data.tokenizer_type,
                                       args.tokenizer_model or config.data.tokenizer_model,
-                                      config.model.vocab_size, args.load)
+                                      config.model.vocab_size, args.load,
+                                      vocab_file=config.data.vocab_file,
+                                      merge_file=config.data.merge_file)
     model = load_model(args, config, pstate)
     prompt = torch.tensor([tokenizer.tokenize(args.prompt)], dtype=torch.long, device=device)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,

@@ -168,12 +168,13 @@ def export_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[st
             raise ConfigError(f"tokenizer directory {tokenizer_model!r} does not exist (pass "
                               "--tokenizer-model)")
         tok = AutoTokenizer.from_pretrained(tokenizer_model, local_files_only=True)
-    elif tokenizer_type in (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    elif tokenizer_type in (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer"):
         if not os.path.isfile(tokenizer_model):
             raise ConfigError(f"sentencepiece model {tokenizer_model!r} does not exist (pass "
                               "--tokenizer-model)")
-        tok = sentencepiece_to_hf(tokenizer_model, tokenizer_type != "GPTSentencePieceTokenizer",
-                                  cfg.max_position_embeddings)
+        # No bos added: these types tokenize the corpus without one (Megatron-LM main's wrapper).
+        tok = sentencepiece_to_hf(tokenizer_model, False, cfg.max_position_embeddings)
     else:
         raise ConfigError(f"--tokenizer-type {tokenizer_type!r} cannot be exported")
     if len(tok) > cfg.vocab_size:

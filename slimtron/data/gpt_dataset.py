@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 import zlib
 from typing import Callable, Optional, Sequence
@@ -54,12 +55,15 @@ def index_dtype(largest_value: int) -> np.dtype:
 # ---------------------------------------------------------------------------------------- splits
 
 def parse_split(split: str) -> list[float]:
-    """"969,30,1" -> normalised train/valid/test fractions (missing trailing parts are 0)."""
-    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    """"969,30,1" -> normalised train/valid/test fractions (missing trailing parts are 0).
+    The numbers are read with Megatron's regex, so "'99,1,0'" (quotes inside the value, as
+    Megatron's Llama example passes it) reads as 99,1,0."""
     try:
-        values = [float(p) for p in parts]
+        values = [float(p) for p in re.findall(r"[.0-9]+", str(split))]
     except ValueError:
-        raise ConfigError(f"--split {split!r}: expected up to three comma-separated numbers") from None
+        values = []
+    if not values:
+        raise ConfigError(f"--split {split!r}: expected up to three comma-separated numbers")
     if not 1 <= len(values) <= 3 or any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
         raise ConfigError(f"--split {split!r}: expected one to three non-negative numbers with a "
                           "positive sum")

@@ -1,0 +1,105 @@
+"""Format 2's arithmetic and storage, without process groups: flat ranges as rectangles, TP shards
+as rectangles of layout-independent entries (SwiGLU blocks, unpadded vocabulary), and byte-range
+reads that read only the requested bytes."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from slimtron.checkpointing import dist_format
+from slimtron.checkpointing.layout import Box, ParamLayout, flat_offset, flat_range_boxes
+from slimtron.parallel import sharding
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5)])
+def test_flat_range_boxes_are_the_range_in_order(shape):
+    x = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    n = x.numel()
+    for start, end in itertools.combinations_with_replacement(range(n + 1), 2):
+        boxes = flat_range_boxes(shape, start, end)
+        got = [v for b in boxes for v in x[b.slices()].reshape(-1).tolist()]
+        assert got == list(range(start, end))
+        assert len(boxes) <= 2 * len(shape) - 1
+        for b in boxes:  # each is contiguous, starting where flat_offset says
+            assert x[b.slices()].reshape(-1).tolist() == list(range(flat_offset(shape, b),
+                                                                    flat_offset(shape, b) + b.numel))
+
+
+def _param(full: torch.Tensor, name: str, dim: int, chunks: int, tp: int, rank: int):
+    local = sharding.shard(full, dim, tp, rank, chunks) if dim >= 0 else full.clone()
+    p = torch.nn.Parameter(local)
+    p.global_name, p.full_shape = name, tuple(full.shape)
+    p.tensor_model_parallel, p.partition_dim, p.partition_chunks = dim >= 0, dim, chunks
+    return p
+
+
+CASES = [  # name, full shape, partition dim, chunks, vocab rows kept
+    ("decoder.layers.0.mlp.linear_fc1.weight", (16, 6), 0, 2, None),  # SwiGLU [gate; up]
+    ("decoder.layers.0.self_attention.linear_proj.weight", (6, 8), 1, 1, None),  # row-parallel
+    ("output_layer.weight", (16, 6), 0, 1, 13),  # padded vocabulary: 13 real rows
+    ("decoder.final_layernorm.weight", (6,), -1, 1, None),  # replicated
+]
+
+
+@pytest.mark.parametrize("name,shape,dim,chunks,vocab", CASES)
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shards_and_dp_ranges_cover_every_entry_once(name, shape, dim, chunks, vocab, tp):
+    """Every TP rank's flat ranges (3 DP parts) put into the entries rebuild the full tensor
+    (blocks as separate entries, padding rows dropped), each element written exactly once."""
+    full = torch.randn(shape)
+    vocab_size = vocab if vocab is not None else 10 ** 6
+    entries, counts = {}, {}
+    for rank in range(tp if dim >= 0 else 1):
+        p = _param(full, name, dim, chunks, tp, rank)
+        lay = ParamLayout.of(p, rank, vocab_size)
+        for key, entry_shape in lay.entries(tp).items():
+            entries.setdefault(key, torch.zeros(entry_shape))
+            counts.setdefault(key, torch.zeros(entry_shape))
+        n = p.numel()
+        for part in range(3):
+            for box in flat_range_boxes(tuple(p.shape), n * part // 3, n * (part + 1) // 3):
+                for key, entry_box, local_box in lay.pieces(box):
+                    entries[key][entry_box.slices()] = p.detach()[local_box.slices()]
+                    counts[key][entry_box.slices()] += 1
+    assert all(bool((c == 1).all()) for c in counts.values())
+    rows = vocab if vocab is not None else shape[0]
+    blocks = [entries[k] for k in sorted(entries)]
+    rebuilt = torch.cat(blocks, dim=max(dim, 0)) if len(blocks) > 1 else blocks[0]
+    assert torch.equal(rebuilt, full[:rows])
+    if chunks > 1:
+        assert sorted(entries) == [f"{name}#0", f"{name}#1"]
+
+
+def test_reader_reads_only_the_bytes_it_needs(tmp_path):
+    """Chunks of a bf16 entry written by write_chunks; rectangles read back equal the source,
+    and a column slice reads exactly its own bytes (rchar)."""
+    full = torch.randn(12, 10).to(torch.bfloat16)
+    boxes = [Box((0, 0), (5, 10)), Box((5, 0), (7, 4)), Box((5, 4), (7, 6))]
+    chunks = [dist_format.Chunk("model/w", b, full[b.slices()].contiguous()) for b in boxes]
+    dist_format.write_chunks(str(tmp_path / dist_format.shard_file(0)), chunks)
+    meta = dist_format.metadata([{"model/w": {"shape": [12, 10], "dtype": "bfloat16"}}],
+                                [dist_format.chunk_records(chunks, 0)], {})
+    assert meta["files"] == {dist_format.shard_file(0): full.numel() * 2}
+    dist_format.write_metadata(str(tmp_path / dist_format.METADATA_FILE), meta)
+    reader = dist_format.Reader(str(tmp_path))
+    for want in (Box((0, 0), (12, 10)), Box((3, 2), (6, 5)), Box((11, 9), (1, 1))):
+        out = torch.zeros(want.sizes, dtype=torch.float32)
+        reader.read_into("model/w", want, out, "w")
+        assert torch.equal(out, full[want.slices()].float())
+
+    def rchar():
+        return int(next(l for l in open("/proc/self/io") if l.startswith("rchar")).split()[1])
+    out = torch.zeros((10, 3), dtype=torch.bfloat16)
+    first = rchar()
+    before = rchar()  # reading /proc/self/io counts too: once between these two calls
+    reader.read_into("model/w", Box((1, 6), (10, 3)), out, "w")
+    assert rchar() - before - (before - first) == 10 * 3 * 2
+    assert torch.equal(out, full[1:11, 6:9])
+    with pytest.raises(ValueError, match="holds only 0 of the 4 elements of w"):
+        dist_format.Reader.read_into(reader, "model/w", Box((12, 0), (2, 2)), torch.zeros(2, 2), "w")
+    reader.close()
+    os.truncate(str(tmp_path / dist_format.shard_file(0)), 100)
+    with pytest.raises(ValueError, match=r"shard_00000.bin is damaged: 100 bytes, metadata.json "
+                                         r"says 240"):
+        dist_format.Reader(str(tmp_path))

@@ -40,8 +40,8 @@ The paper's (Korthikanti et al. 2022) forms, for GPT with 4h MLP, dropout and s 
 """
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -279,22 +279,38 @@ def schedule_activation_peak(pp: int, stage: int, num_microbatches: int, num_chu
     """(most activation bytes live at once, forwards in flight then) when this stage runs our
     schedule (``slimtron.parallel.pipeline_schedules``): each forward of chunk c adds ``kept[c]``,
     a backward of chunk c needs ``extra[c]`` more while it runs and then frees ``kept[c]``."""
-    from slimtron.parallel.pipeline_schedules import Kind, build_schedule
-
-    live = peak = 0.0
-    in_flight = peak_in_flight = 0
-    for action in build_schedule(pp, stage, num_microbatches, num_chunks):
-        if action.kind is Kind.FORWARD:
-            live += kept[action.chunk]
-            in_flight += 1
-            if live > peak:
-                peak, peak_in_flight = live, in_flight
-        elif action.kind is Kind.BACKWARD:
-            if live + extra[action.chunk] > peak:
-                peak, peak_in_flight = live + extra[action.chunk], in_flight
-            live -= kept[action.chunk]
-            in_flight -= 1
+    peak, peak_in_flight = 0.0, 0
+    for counts, backward_chunk in _schedule_states(pp, stage, num_microbatches, num_chunks):
+        live = sum(n * k for n, k in zip(counts, kept))
+        if backward_chunk is not None:
+            live += extra[backward_chunk]
+        if live > peak:
+            peak, peak_in_flight = live, sum(counts)
     return peak, peak_in_flight
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_states(pp: int, stage: int, num_microbatches: int, num_chunks: int) -> tuple:
+    """The distinct (forwards in flight per chunk, chunk being backwarded or None) a stage passes
+    through: after each forward, and at the start of each backward."""
+    from slimtron.parallel.pipeline_schedules import (Kind, _validate, interleaved_rounds,
+                                                      one_f_one_b_rounds)
+
+    _validate(pp, stage, num_microbatches, num_chunks)
+    if num_chunks == 1:  # the compute order build_schedule uses; transfers hold no activations
+        rounds = one_f_one_b_rounds(pp, stage, num_microbatches)
+    else:
+        rounds = interleaved_rounds(pp, stage, num_microbatches, num_chunks)
+    counts = [0] * num_chunks
+    states = set()
+    for action in (a for compute_round in rounds for a in compute_round):
+        if action.kind is Kind.FORWARD:
+            counts[action.chunk] += 1
+            states.add((tuple(counts), None))
+        elif action.kind is Kind.BACKWARD:
+            states.add((tuple(counts), action.chunk))
+            counts[action.chunk] -= 1
+    return tuple(sorted(states, key=str))
 
 
 # ---- parameters, gradients, optimizer state ----------------------------------------------------

@@ -52,7 +52,8 @@ def build_loss_scaler(optim_config):
 
 
 def build_optimizer(model_chunks, optim_config, parallel_config, pstate, grads, *,
-                    train_iters: Optional[int] = None):
+                    train_iters: Optional[int] = None,
+                    scheduler: Optional[OptimizerParamScheduler] = None):
     """The optimizer for ``model_chunks`` whose gradients live in ``grads``.
 
     ``train_iters`` is the default for ``lr_decay_iters`` (needed unless the decay is constant).
@@ -66,7 +67,7 @@ def build_optimizer(model_chunks, optim_config, parallel_config, pstate, grads, 
     _check_all_params_in(model_chunks, grads)
     cls = DistributedOptimizer if parallel_config.use_distributed_optimizer \
         else MixedPrecisionOptimizer
-    return cls(grads, optim_config, pstate, build_scheduler(optim_config, train_iters),
+    return cls(grads, optim_config, pstate, scheduler or build_scheduler(optim_config, train_iters),
                build_loss_scaler(optim_config))
 
 

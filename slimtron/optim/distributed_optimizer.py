@@ -43,6 +43,6 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             shards.append(ParamShard(param, main, grad, start, end, copy))
         return shards
 
-    def _update(self) -> None:
-        super()._update()
+    def _update(self, increment: int = 1) -> None:
+        super()._update(increment)
         self.grads.gather_params()

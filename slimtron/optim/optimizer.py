@@ -37,12 +37,13 @@ parameters' local part), the moments, and sets Adam's step to the number of upda
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from slimtron.config import ConfigError
+from slimtron.model.init import VOCAB_PARAMETERS
 from slimtron.optim.clip_grads import clip_grad_norm
 from slimtron.parallel.data_parallel import param_label
 
@@ -65,6 +66,13 @@ class ParamShard:
         return self.main_param.detach().view(-1)
 
 
+def _decoupled_lr(param: torch.Tensor, config) -> bool:
+    """--decoupled-lr applies, as in Megatron, to the input embedding and the output layer
+    (with tied embeddings: to both stages' copies of the word embeddings)."""
+    return (config.decoupled_lr is not None
+            and getattr(param, "global_name", None) in VOCAB_PARAMETERS)
+
+
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).to("cpu", torch.float32, copy=True)
 
@@ -77,10 +85,17 @@ def _fused_supported(device: torch.device) -> bool:
         return device.type == "cuda"
 
 
-def make_adamw(decay: list, no_decay: list, config) -> Optional[torch.optim.AdamW]:
-    """AdamW with weight decay on ``decay`` only; None when this rank owns no parameters."""
+def make_adamw(decay: list, no_decay: list, config,
+               decoupled: Sequence = ()) -> Optional[torch.optim.AdamW]:
+    """AdamW with weight decay on ``decay`` (and ``decoupled``) only; None when this rank owns no
+    parameters. ``decoupled`` (the input embedding and output layer under --decoupled-lr) has its
+    own max/min lr, read by the step through the group's ``max_lr``/``min_lr``."""
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if decoupled:
+        low = config.min_lr if config.decoupled_min_lr is None else config.decoupled_min_lr
+        groups.append({"params": list(decoupled), "weight_decay": config.weight_decay,
+                       "max_lr": config.decoupled_lr, "min_lr": low})
     groups = [g for g in groups if g["params"]]
     if not groups:
         return None
@@ -106,9 +121,11 @@ class MixedPrecisionOptimizer:
         self.num_updates = 0
         self.num_skipped = 0
         self.shards = self._build_shards()
-        self.adam = make_adamw([s.main_param for s in self.shards if s.model_param.ndim >= 2],
-                               [s.main_param for s in self.shards if s.model_param.ndim < 2],
-                               config)
+        decoupled = [s for s in self.shards if _decoupled_lr(s.model_param, config)]
+        others = [s for s in self.shards if not _decoupled_lr(s.model_param, config)]
+        self.adam = make_adamw([s.main_param for s in others if s.model_param.ndim >= 2],
+                               [s.main_param for s in others if s.model_param.ndim < 2],
+                               config, [s.main_param for s in decoupled])
         self._lr = scheduler.get_lr()
         # Flat views built once, so that the copies between main and model parameters are one
         # foreach op each (the model parameters' storage never moves after the grad buffers).
@@ -139,7 +156,9 @@ class MixedPrecisionOptimizer:
     def zero_grad(self) -> None:
         self.grads.zero_grad()
 
-    def step(self):
+    def step(self, increment: int = 1):
+        """One update; ``increment`` advances the lr schedule (the batch's samples when the
+        schedule counts samples)."""
         self._attach_grads()
         try:
             if self._unscale_and_find_nonfinite():
@@ -150,7 +169,7 @@ class MixedPrecisionOptimizer:
             if self.loss_scaler is not None:
                 self.loss_scaler.update(False)
             grad_norm = self._clip() if self.config.clip_grad > 0 else None
-            self._update()
+            self._update(increment)
             return True, grad_norm, None
         finally:
             self._detach_grads()
@@ -196,13 +215,14 @@ class MixedPrecisionOptimizer:
                               ps.dp_cp.group if self.sum_norm_over_dp else None,
                               tp_rank=ps.tp.rank, first_stage=ps.is_first_stage)
 
-    def _update(self) -> None:
+    def _update(self, increment: int = 1) -> None:
         self._lr = self.scheduler.get_lr()
         if self.adam is not None:
             for group in self.adam.param_groups:
-                group["lr"] = self._lr
+                group["lr"] = self.scheduler.lr_at(self.scheduler.num_steps, group.get("max_lr"),
+                                                   group.get("min_lr"))
             self.adam.step()
-        self.scheduler.step()
+        self.scheduler.step(increment)
         self.num_updates += 1
         self._copy_main_to_model()
 

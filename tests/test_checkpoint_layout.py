@@ -103,3 +103,25 @@ def test_reader_reads_only_the_bytes_it_needs(tmp_path):
     with pytest.raises(ValueError, match=r"shard_00000.bin is damaged: 100 bytes, metadata.json "
                                          r"says 240"):
         dist_format.Reader(str(tmp_path))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def test_no_load_path_unpickles_objects(tmp_path):
+    """common.pt is read with weights_only, and metadata.json is JSON whose file names cannot
+    leave the checkpoint directory."""
+    from slimtron import checkpointing
+
+    ckpt_dir = tmp_path / "iter_0000001"
+    ckpt_dir.mkdir()
+    (tmp_path / checkpointing.TRACKER).write_text("1\n")
+    torch.save({"format_version": 2, "evil": _Payload()}, str(ckpt_dir / "common.pt"))
+    with pytest.raises(ValueError, match=r"common.pt is damaged: UnpicklingError"):
+        checkpointing.load_common(str(tmp_path))
+    dist_format.write_metadata(str(ckpt_dir / dist_format.METADATA_FILE),
+                               {"files": {"../../etc/passwd": 1}, "entries": {}})
+    with pytest.raises(ValueError, match=r"names a shard file '../../etc/passwd'"):
+        dist_format.Reader(str(ckpt_dir))

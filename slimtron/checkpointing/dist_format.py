@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,9 @@ METADATA_FILE = "metadata.json"
 STAGING_BYTES = 64 << 20
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+_SHARD_NAME = re.compile(r"shard_\d{5,}\.bin")
 
 
 def shard_file(rank: int) -> str:
@@ -227,6 +231,9 @@ class Reader:
         self._fds: dict = {}
 
     def _check_file(self, name: str, size: int):
+        if not _SHARD_NAME.fullmatch(name):  # never a path that leads out of the checkpoint
+            raise ValueError(f"checkpoint file {os.path.join(self.ckpt_dir, METADATA_FILE)} is "
+                             f"damaged: it names a shard file {name!r}")
         path = os.path.join(self.ckpt_dir, name)
         if not os.path.exists(path):
             raise ValueError(f"checkpoint file {path} is missing")
@@ -261,6 +268,9 @@ class Reader:
         dtype = self.dtype(key)
         covered = 0
         for file_name, byte_offset, offsets, sizes in entry["chunks"]:
+            if file_name not in self.meta["files"]:
+                raise ValueError(f"checkpoint {self.ckpt_dir}: {METADATA_FILE} is damaged: "
+                                 f"entry {key} names an unlisted file {file_name!r}")
             chunk = Box(tuple(offsets), tuple(sizes))
             common = chunk.intersect(want)
             if common is None:

@@ -393,8 +393,9 @@ class GPTDataset(torch.utils.data.Dataset):
 
 def gpt_datasets_for_prefix(prefix: str, split: str, num_samples: Sequence[Optional[int]],
                             seq_length: int, seed: int, **kwargs) -> list[Optional[GPTDataset]]:
-    """train/valid/test GPTDatasets of one corpus; None for a split that is empty or not wanted."""
-    indexed = IndexedDataset(prefix)
+    """train/valid/test GPTDatasets of one corpus; None for a split that is empty or not wanted.
+    ``mmap_bin_files=False`` (--no-mmap-bin-files) reads the .bin without memory-mapping it."""
+    indexed = IndexedDataset(prefix, mmap=kwargs.pop("mmap_bin_files", True))
     ranges = split_document_ranges(split, indexed.num_documents)
     datasets = []
     for name, document_range, wanted in zip(SPLIT_NAMES, ranges, num_samples):

@@ -179,8 +179,9 @@ def _check_exists(path: str) -> int:
 class IndexedDataset:
     """Read-only view of a ``.bin``/``.idx`` pair; ``ds[i]`` is sequence ``i`` as a numpy view."""
 
-    def __init__(self, path_prefix: str):
+    def __init__(self, path_prefix: str, mmap: bool = True):
         self.path_prefix = path_prefix
+        self.mmap = mmap  # False (--no-mmap-bin-files): each read opens the .bin and reads it
         self.bin_path = bin_path_of(path_prefix)
         self.idx_path = idx_path_of(path_prefix)
         self._open()
@@ -201,8 +202,8 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(self._idx_map, np.int64, d, offset + 12 * n)
         self._check_consistency(bin_size)
         # np.memmap cannot map an empty file; an empty corpus reads from an empty buffer instead.
-        self._bin_map = (np.memmap(self.bin_path, dtype=np.uint8, mode="r") if bin_size
-                         else np.empty(0, dtype=np.uint8))
+        self._bin_map = (np.memmap(self.bin_path, dtype=np.uint8, mode="r")
+                         if bin_size and self.mmap else np.empty(0, dtype=np.uint8))
 
     def _check_consistency(self, bin_size: int) -> None:
         n, docs = len(self.sequence_lengths), self.document_indices
@@ -235,7 +236,16 @@ class IndexedDataset:
             raise IndexError(f"tokens {offset}..{offset + length} out of range for sequence {i} "
                              f"of {self.path_prefix} ({size} tokens)")
         start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
+        if not self.mmap:
+            return self._read(start, length)
         return np.frombuffer(self._bin_map, self.dtype, length, start)
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        tokens = np.empty(length, self.dtype)
+        with open(self.bin_path, "rb", buffering=0) as f:
+            f.seek(start)
+            f.readinto(memoryview(tokens).cast("B"))
+        return tokens
 
     @property
     def num_documents(self) -> int:
@@ -251,10 +261,10 @@ class IndexedDataset:
 
     # Pickled by prefix (DataLoader workers re-map the files instead of copying them).
     def __getstate__(self) -> dict:
-        return {"path_prefix": self.path_prefix}
+        return {"path_prefix": self.path_prefix, "mmap": self.mmap}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path_prefix"])
+        self.__init__(state["path_prefix"], state.get("mmap", True))
 
     def __repr__(self) -> str:
         return (f"IndexedDataset({self.path_prefix!r}, {len(self)} sequences, "

@@ -45,14 +45,15 @@ def param_meta(p) -> dict:
 def _gather_over_dp(flat_piece: torch.Tensor, rng: tuple, numel: int, pstate,
                     sharded: bool) -> torch.Tensor:
     """The whole flat TP-local tensor (CPU) on data-parallel rank 0, from every rank's range.
-    ``sharded``: the DP ranks hold disjoint ranges (distributed optimizer) to be summed, on the
-    rank's device (NCCL reduces device tensors only); otherwise every rank holds all of it."""
-    reduce = sharded and pstate.dp.group is not None
+    ``sharded``: the dp x cp ranks hold disjoint ranges (distributed optimizer) to be summed, on
+    the rank's device (NCCL reduces device tensors only); otherwise every rank holds all of it."""
+    replicas = pstate.dp_cp  # context-parallel ranks are replicas too
+    reduce = sharded and replicas.group is not None
     device = pstate.device if reduce else torch.device("cpu")
     full = torch.zeros(numel, dtype=torch.float32, device=device)
     full[rng[0]:rng[1]] = flat_piece.to(device, torch.float32)
     if reduce:
-        dist.reduce(full, dst=pstate.dp.ranks[0], group=pstate.dp.group)
+        dist.reduce(full, dst=replicas.ranks[0], group=replicas.group)
     return full.cpu()
 
 
@@ -79,7 +80,7 @@ def save(root: str, iteration: int, model_chunks, optimizer, pstate, common: dic
     barrier()
     params = named_params(model_chunks)
     optim = _optimizer_shards(optimizer, params, pstate) if optimizer is not None else None
-    if pstate.dp.rank == 0:
+    if pstate.dp_cp.rank == 0:  # one writer per (tp, pp)
         shard = {
             "params": {n: p.detach().cpu() for n, p in params.items()},
             "meta": {n: param_meta(p) for n, p in params.items()},

@@ -1,5 +1,7 @@
 """Activation memory as autograd really keeps it, against the closed form of slimtron.memory."""
 import dataclasses
+import json
+import pathlib
 
 import pytest
 import torch
@@ -190,3 +192,46 @@ def test_closed_form_predicts_every_rank_of_a_real_step(layouts_measured, name):
         assert planned.saved_activations == pytest.approx(activations, rel=0.05), f"rank {rank}"
         saved_peak = planned.peak - planned.activations + planned.saved_activations
         assert saved_peak == pytest.approx(weights + grads + optimizer + activations, rel=0.05)
+
+
+# ---- the dry run's command line ------------------------------------------------------------------
+
+def test_dry_run_of_llama2_70b_at_512_ranks_as_json(capsys):
+    from slimtron.dry_run import main
+
+    argv = ["--preset", "llama2-70b", "--tensor-model-parallel-size", "8",
+            "--pipeline-model-parallel-size", "4", "--sequence-parallel",
+            "--use-distributed-optimizer", "--bf16", "--micro-batch-size", "1",
+            "--global-batch-size", "1024", "--dry-run", "--dry-run-world-size", "512", "--json"]
+    report = json.loads(main(argv))
+    assert capsys.readouterr().out.strip() == json.dumps(report)
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2, 3]
+    assert [s["rank"] for s in stages] == [0, 128, 256, 384]
+    assert [s["in_flight"] for s in stages] == [4, 3, 2, 1]  # 1F1B: pp - stage
+    for s in stages:
+        assert s["peak"] == s["weights"] + s["grads"] + s["optimizer"] + s["activations"]
+    # 20 layers of TP+SP activations per micro-batch, as the closed form has them.
+    spec = memory.ActivationSpec(4096, 1, tp=8, sequence_parallel=True)
+    from slimtron.config import model_preset
+    layer = memory.layer_activation_bytes(model_preset("llama2-70b"), spec)
+    assert stages[1]["activations"] == pytest.approx(3 * 20 * layer, rel=0.01)
+    # One rank only, interleaved: Megatron's count of chunk-forwards in flight on stage 0.
+    argv[argv.index("--json")] = "--dry-run-rank"
+    (stage,) = json.loads(main(argv + ["0", "--json", "--num-layers-per-virtual-pipeline-stage",
+                                       "5"]))["stages"]
+    assert stage["in_flight"] == memory.megatron_in_flight(4, 0, 64, 4) == 19
+
+
+def test_dry_run_refuses_an_impossible_layout_in_one_line():
+    import subprocess
+    import sys as _sys
+
+    root = pathlib.Path(__file__).parents[1]
+    run = subprocess.run([_sys.executable, str(root / "pretrain_gpt.py"), "--preset",
+                          "llama2-70b", "--tensor-model-parallel-size", "3", "--dry-run",
+                          "--dry-run-world-size", "512"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        "error: world size 512 is not divisible by --tensor-model-parallel-size 3 x "
+        "--pipeline-model-parallel-size 1 = 3"]

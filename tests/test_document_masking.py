@@ -158,3 +158,22 @@ def test_document_masking_composes_with_tp_sp_pp_and_recompute(tmp_path):
         assert_close_params(params, ref_params)
     plain_losses, _ = run_layout(_document_config(prefix, masking=False), 1)
     assert plain_losses[0][0] != pytest.approx(ref_losses[0][0], rel=1e-3)
+
+
+def test_mock_data_masks_documents_at_the_tokenizers_eod():
+    from slimtron.config import ConfigError
+    from slimtron.data.mock_dataset import MockGPTDataset
+
+    ds = MockGPTDataset(30, 24, 20, seed=3, eod_id=19, eod_mask_loss=True,
+                        reset_position_ids=True, reset_attention_mask=True)
+    closed = 0
+    for i in range(len(ds)):
+        sample = ds[i]
+        allowed, loss_mask, positions = megatron_ltor(sample["tokens"], 19, True, True, True)
+        assert torch.equal(sample["position_ids"], positions)
+        assert torch.equal(sample["loss_mask"], loss_mask)
+        assert torch.equal(document_causal_mask(sample["segment_ids"].unsqueeze(0))[0, 0], allowed)
+        closed += int((sample["tokens"] == 19).sum())
+    assert closed > 0  # some samples do hold several documents
+    with pytest.raises(ConfigError, match="need a tokenizer with an end-of-document id"):
+        MockGPTDataset(4, 24, 20, reset_attention_mask=True)

@@ -21,7 +21,11 @@ def build_datasets(config: Config, tokenizer, pstate: ParallelState):
     num_samples = (t.train_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs)
     seq = config.model.seq_length
     if config.data.mock_data:
-        datasets = tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i)
+        d = config.data
+        masks = dict(eod_id=getattr(tokenizer, "eod", None), eod_mask_loss=d.eod_mask_loss,
+                     reset_position_ids=d.reset_position_ids,
+                     reset_attention_mask=d.reset_attention_mask)
+        datasets = tuple(MockGPTDataset(n, seq, config.model.vocab_size, t.seed + i, **masks)
                          for i, n in enumerate(num_samples))
     elif config.data.sft:
         from slimtron.data.sft_dataset import build_sft_datasets

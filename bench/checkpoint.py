@@ -15,6 +15,10 @@ Measurements, per rank, from /proc/self:
 - read on the reshard load: growth of ``rchar``. Ideal: what the rank needs: its weights, its range
   of the optimizer state (both without vocabulary padding), metadata.json and common.pt.
 - blocking time: wall time of the save call (the async one returns once staged).
+- versus torch.distributed.checkpoint (``--versus-dcp-size``): the same reshard read on one
+  tensor. DCP reads every saved chunk that overlaps the target whole (``torch.load`` of the item,
+  then ``narrow``), so a column slice of row-block chunks costs all of them; this format reads the
+  overlapping row segments only.
 Targets (issue 9): added RSS <= own share + 256 MiB; bytes written summed <= 1.05 x checkpoint
 size; bytes read <= 1.5 x needed; async blocking <= 25% of the synchronous save.
 
@@ -155,6 +159,53 @@ def _load_rank(rank, world, args):
     return {"read": proc_io("rchar") - read, "need": need}
 
 
+def _versus_dcp_rank(rank, world, args):
+    """One [n, n] fp32 tensor saved as row blocks by the 4 ranks (as dp=4 ranges of a tp=1
+    weight), read back as column halves on a (dp 2, tp 2) grid (a row-parallel weight at tp=2):
+    bytes read by torch.distributed.checkpoint and by this format's reader."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from slimtron.checkpointing.layout import Box
+
+    n = args.versus_dcp_size
+    full = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
+    rows = n // world
+    mine = full[rank * rows:(rank + 1) * rows].contiguous()
+    dcp_dir, own_dir = os.path.join(args.dir, "dcp"), os.path.join(args.dir, "own")
+    mesh = init_device_mesh("cpu", (world,))
+    dcp.save({"w": distribute_tensor(full, mesh, [Shard(0)])}, checkpoint_id=dcp_dir)
+    if rank == 0:
+        os.makedirs(own_dir, exist_ok=True)
+    torch.distributed.barrier()
+    chunk = dist_format.Chunk("w", Box((rank * rows, 0), (rows, n)), mine)
+    dist_format.write_chunks(os.path.join(own_dir, dist_format.shard_file(rank)), [chunk])
+    records = [None] * world
+    torch.distributed.all_gather_object(records, dist_format.chunk_records([chunk], rank))
+    if rank == 0:
+        meta = dist_format.metadata([{"w": {"shape": [n, n], "dtype": "float32"}}] * world,
+                                    records, {})
+        dist_format.write_metadata(os.path.join(own_dir, dist_format.METADATA_FILE), meta)
+    torch.distributed.barrier()
+
+    grid = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    target = distribute_tensor(torch.zeros(n, n), grid, [Replicate(), Shard(1)])
+    before = proc_io("rchar")
+    dcp.load({"w": target}, checkpoint_id=dcp_dir)
+    dcp_read = proc_io("rchar") - before
+    half = n // 2
+    col = grid.get_local_rank("tp") * half
+    out = torch.zeros(n, half)
+    before = proc_io("rchar")
+    reader = dist_format.Reader(own_dir)
+    reader.read_into("w", Box((0, col), (n, half)), out, "w")
+    own_read = proc_io("rchar") - before
+    assert torch.equal(out, full[:, col:col + half])
+    assert torch.equal(target.to_local(), out)
+    return {"need": out.numel() * 4, "dcp": dcp_read, "own": own_read}
+
+
 def checkpoint_size(root: str) -> int:
     d = checkpointing.iteration_dir(root, 2)
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
@@ -170,6 +221,8 @@ def main(argv=None):
     p.add_argument("--dp", type=int, default=4)
     p.add_argument("--load-tp", type=int, default=2)
     p.add_argument("--dir", default="/tmp/slimtron_ckpt_bench")
+    p.add_argument("--versus-dcp-size", type=int, default=4096,
+                   help="n of the [n, n] tensor of the DCP comparison (0: skip it)")
     args = p.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     n = sum(p.numel() for p in named_params(build_model_chunks(
@@ -201,6 +254,15 @@ def main(argv=None):
     for rank, r in enumerate(loads):
         print(f"{rank:>4} read {r['read'] / MiB:>8.1f} MiB  needed {r['need'] / MiB:>8.1f} MiB  "
               f"= {r['read'] / r['need']:.3f} x (target <= 1.5)")
+    if args.versus_dcp_size:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        n = args.versus_dcp_size
+        print(f"\nversus torch.distributed.checkpoint: a [{n}, {n}] fp32 weight saved as "
+              f"{args.dp} row blocks, read as column halves (tp=2): bytes read per rank")
+        for rank, r in enumerate(run_distributed(_versus_dcp_rank, args.dp, args, timeout=3600)):
+            print(f"{rank:>4} needed {r['need'] / MiB:>7.1f} MiB  DCP {r['dcp'] / MiB:>7.1f} MiB "
+                  f"= {r['dcp'] / r['need']:.2f} x   ours {r['own'] / MiB:>7.1f} MiB = "
+                  f"{r['own'] / r['need']:.2f} x")
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

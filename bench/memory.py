@@ -14,6 +14,13 @@ So 2 + 4 + 12/d bytes per parameter with the distributed optimizer against 18 wi
 (padding of the buckets to a multiple of d adds a few elements). Printed next to the formula.
 
 Usage: python bench/memory.py [--layers 4] [--hidden 256] [--sizes 1,2,4]
+       python bench/memory.py --layouts
+
+``--layouts``: the peak per rank predicted by the dry run (``slimtron.dry_run``, the real model on
+the meta device) and by the closed form (``slimtron.memory.plan_stage``, what model_summary and
+plan_layout use) next to the peak measured in one real bf16 step of tests/test_memory.py's six
+layouts on 4 gloo ranks (weights, grads and optimizer state from the tensors, activations from
+saved-tensor accounting).
 """
 from __future__ import annotations
 
@@ -89,12 +96,39 @@ def bench_rank(rank, world, layers, hidden):
     return out
 
 
+def layouts_table() -> None:
+    from slimtron import memory
+    from slimtron.arguments import validate
+    from slimtron.dry_run import dry_run
+    from tests.test_memory import LAYOUTS, WORLD, _measure_layouts, layout_config
+
+    measured = run_distributed(_measure_layouts, WORLD)
+    mib = 2.0 ** 20
+    print(f"{'layout (4 ranks, bf16, mbs 2, seq 128)':<36} {'rank':>4} {'measured':>9} "
+          f"{'dry run':>8} {'closed':>8}   MiB, peak of the step (state + saved activations)")
+    for name in LAYOUTS:
+        config = validate(layout_config(name), WORLD, check_files=False)
+        for rank in range(WORLD):
+            (built,) = dry_run(layout_config(name), WORLD, rank)
+            stage = memory.plan_stage(config, built.stage, memory.num_microbatches(config))
+            real = sum(measured[rank][name])
+            predicted = [m.peak - m.activations + m.saved_activations for m in (built, stage)]
+            print(f"{name:<36} {rank:>4} {real / mib:9.3f} {predicted[0] / mib:8.3f} "
+                  f"{predicted[1] / mib:8.3f}   ({predicted[0] / real - 1:+.2%}, "
+                  f"{predicted[1] / real - 1:+.2%})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--sizes", default="1,2,4")
+    parser.add_argument("--layouts", action="store_true",
+                        help="dry run and closed form against real steps, per rank")
     args = parser.parse_args()
+    if args.layouts:
+        layouts_table()
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"bf16 model: {args.layers} x Linear({args.hidden}, {args.hidden}); bytes per parameter "
           "on DP rank 0, from the tensors")

@@ -9,16 +9,20 @@ from slimtron.parallel.state import ParallelState
 from slimtron.training.metrics import log
 
 
-def build_datasets(config: Config, tokenizer, pstate: ParallelState):
+def build_datasets(config: Config, tokenizer, pstate: ParallelState,
+                   num_train_samples: int | None = None):
     """(train, valid, test) datasets, and which of them exist (an empty split has none).
-    Ranks that read no data (middle pipeline stages) get Nones but the same availability."""
+    Ranks that read no data (middle pipeline stages) get Nones but the same availability.
+    ``num_train_samples``: what the batch schedule consumes (default iterations x batch)."""
     from slimtron.data import build_train_valid_test_datasets
     from slimtron.data.mock_dataset import MockGPTDataset
 
     t = config.training
     gbs = t.global_batch_size
     eval_runs = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
-    num_samples = (t.train_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs)
+    if num_train_samples is None:
+        num_train_samples = t.train_iters * gbs
+    num_samples = (num_train_samples, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs)
     seq = config.model.seq_length
     if config.data.mock_data:
         d = config.data
@@ -39,7 +43,7 @@ def build_datasets(config: Config, tokenizer, pstate: ParallelState):
             eod_mask_loss=config.data.eod_mask_loss, pstate=pstate,
             reset_position_ids=config.data.reset_position_ids,
             reset_attention_mask=config.data.reset_attention_mask,
-            vocab_size=config.model.vocab_size))
+            vocab_size=config.model.vocab_size, mmap_bin_files=config.data.mmap_bin_files))
     available = tuple(d is not None for d in datasets)  # the same on every rank
     if not (pstate.is_first_stage or pstate.is_last_stage or reads_documents(config)):
         datasets = (None, None, None)

@@ -137,3 +137,39 @@ def test_teacher_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_teacher(str(tmp_path / "missing"), student, ParallelState.single(),
                      sequence_parallel=False)
+
+
+# ---- through the real training step ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parity_teacher_dir(tmp_path_factory):
+    """A teacher for tests/test_training_parity's tiny student (vocabulary 200), deeper and wider."""
+    from tests.test_training_parity import tiny_config
+    cfg = tiny_config().model
+    cfg = ModelConfig(**{**cfg.__dict__, "num_layers": 3, "hidden_size": 48, "ffn_hidden_size": 80,
+                         "kv_channels": None})
+    root = str(tmp_path_factory.mktemp("parity_teacher"))
+    pstate = ParallelState.single()
+    model = build_model_chunks(cfg, pstate, seed=5)[0]
+    with torch.no_grad():
+        perturb([model], cfg, pstate)
+    save_checkpoint(root, 1, [model], None, pstate, Config(model=cfg), 0)
+    return root
+
+
+def test_kd_training_tp2_pp2_sp_equals_one_process(parity_teacher_dir):
+    """Five real steps of distillation under (tp, pp) = (2, 2) with sequence parallelism (the
+    teacher on the last stage, TP-sharded) against one process: losses and final parameters."""
+    from tests.test_training_parity import assert_close_params, run_layout, tiny_config
+
+    def kd(config):
+        t = config.training
+        t.kd_teacher_load, t.kd_temperature, t.kd_alpha = parity_teacher_dir, 2.0, 0.5
+        return config
+
+    ref_losses, ref_params = run_layout(kd(tiny_config()), 1)
+    losses, params = run_layout(kd(tiny_config(tp=2, pp=2, sp=True)), 4)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    assert_close_params(params, ref_params)
+    plain_losses, _ = run_layout(tiny_config(), 1)
+    assert abs(plain_losses[0][0] - ref_losses[0][0]) > 0.1  # the teacher really is in the loss

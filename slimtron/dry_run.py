@@ -104,7 +104,8 @@ def build_rank(config: Config, device: torch.device = META) -> Engine:
 
 
 def meta_microbatch(config: Config, device=META) -> dict:
-    b, s = config.training.micro_batch_size, config.model.seq_length
+    """One micro-batch as a rank computes on it: its 1/cp of each sequence (context parallelism)."""
+    b, s = config.training.micro_batch_size, config.model.seq_length // config.parallel.cp
     return {"tokens": torch.zeros(b, s, dtype=torch.long, device=device),
             "labels": torch.zeros(b, s, dtype=torch.long, device=device),
             "loss_mask": torch.ones(b, s, dtype=torch.float32, device=device),
@@ -164,7 +165,7 @@ def report(config: Config, world_size: int, stages: list, as_json: bool = False)
     gib = 2.0 ** 30
     p, t = config.parallel, config.training
     lines = [f"dry run: rank(s) {', '.join(str(s.rank) for s in stages)} of {world_size} "
-             f"(tp {p.tp} x pp {p.pp} x dp {p.data_parallel_size}"
+             f"(tp {p.tp} x cp {p.cp} x pp {p.pp} x dp {p.data_parallel_size}"
              + (f", {p.virtual_pipeline_size(config.model.num_layers)} virtual stages"
                 if p.num_layers_per_virtual_pipeline_stage else "")
              + f"), {config.optim.params_dtype_name}, micro-batch {t.micro_batch_size} x seq "

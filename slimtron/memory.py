@@ -433,7 +433,8 @@ def activation_spec(config) -> ActivationSpec:
                           recompute=t.recompute_granularity,
                           recompute_method=t.recompute_method or "uniform",
                           recompute_num_layers=t.recompute_num_layers or 1,
-                          element_size=2 if (config.optim.bf16 or config.optim.fp16) else 4)
+                          element_size=2 if (config.optim.bf16 or config.optim.fp16) else 4,
+                          cp=config.parallel.cp)
 
 
 def state_spec(config) -> StateSpec:

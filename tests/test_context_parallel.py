@@ -331,3 +331,19 @@ def test_checkpoint_reshards_across_cp(tmp_path, ckpt_format):
     for (it, loss, norm), (_, ref_loss, ref_norm) in zip(steps, reference):
         assert loss == pytest.approx(ref_loss, rel=1e-5), f"loss at step {it}"
         assert norm == pytest.approx(ref_norm, rel=1e-5), f"grad norm at step {it}"
+
+
+def test_dry_run_and_memory_model_divide_activations_by_cp():
+    """The dry run (meta device, fake process group: the ring passes meta tensors without
+    sending) and the closed form agree, and both halve the activations at cp=2 and the
+    distributed optimizer's state per rank over dp x cp."""
+    from slimtron.dry_run import dry_run
+    activations, optimizer = {}, {}
+    for cp in (1, 2):
+        config = cp_config(cp=cp, dist_opt=True)
+        measured = dry_run(config, 4)[0]
+        planned = memory.plan_stage(config, 0, memory.num_microbatches(config))
+        assert measured.activations == pytest.approx(planned.activations, rel=0.05)
+        activations[cp], optimizer[cp] = measured.activations, measured.optimizer
+    assert activations[2] == pytest.approx(activations[1] / 2, rel=0.01)
+    assert optimizer[2] == pytest.approx(optimizer[1], rel=0.01)  # dp x cp = 4 shards either way

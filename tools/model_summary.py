@@ -51,7 +51,8 @@ def build_summary_parser() -> argparse.ArgumentParser:
 
 def describe_layout(config: Config) -> str:
     parallel, training = config.parallel, config.training
-    parts = [f"tp {parallel.tp} x pp {parallel.pp} x dp {parallel.data_parallel_size}",
+    parts = [f"tp {parallel.tp} x cp {parallel.cp} x pp {parallel.pp} x dp "
+             f"{parallel.data_parallel_size}",
              config.optim.params_dtype_name,
              f"micro-batch {training.micro_batch_size} x seq {config.model.seq_length}"]
     v = parallel.virtual_pipeline_size(config.model.num_layers)

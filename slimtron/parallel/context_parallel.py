@@ -78,11 +78,12 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int) -> dict:
 class _RingTransfer:
     """Send tensors to the next cp rank and receive same-shaped ones from the previous, posted as
     one batch at construction; ``wait()`` returns the received tensors (``None`` passes through).
-    With one cp rank the ring is this rank alone and the tensors come straight back."""
+    With one cp rank the ring is this rank alone and the tensors come straight back; so do meta
+    tensors (the dry run), which carry no data and have the shapes the ring would deliver."""
 
     def __init__(self, cp, tensors: Sequence[Optional[torch.Tensor]], tag: int):
         self.requests = []
-        if cp.size == 1:
+        if cp.size == 1 or tensors[0].device.type == "meta":
             self.received = list(tensors)
             return
         next_rank = cp.ranks[(cp.rank + 1) % cp.size]

@@ -3,8 +3,9 @@
 - The masks equal Megatron-LM's ``get_ltor_masks_and_position_ids`` (its loop is repeated below).
 - A packed sample gives the same per-token losses and gradients as running each of its documents
   on its own (fp32, 1e-5), for Llama (RoPE) and GPT-2 (learned positions).
-- Training with document masking under TP+SP+PP with full recompute and PP=4 (middle stages) with
-  selective recompute equals one process within 1e-5, and differs from training without it.
+- Training with document masking under TP+SP+PP with full recompute, PP=4 (middle stages) with
+  selective recompute, and CP=2 (ring attention) equals one process within 1e-5, and differs from
+  training without it.
 """
 import numpy as np
 import pytest
@@ -143,7 +144,7 @@ def _document_config(prefix, masking=True, **layout):
     return config
 
 
-def test_document_masking_composes_with_tp_sp_pp_and_recompute(tmp_path):
+def test_document_masking_composes_with_tp_sp_pp_cp_and_recompute(tmp_path):
     prefix = str(tmp_path / "docs")
     write_corpus(prefix, num_documents=400)
     ref_losses, ref_params = run_layout(_document_config(prefix), 1)
@@ -156,6 +157,12 @@ def test_document_masking_composes_with_tp_sp_pp_and_recompute(tmp_path):
         for (loss, norm), (ref_loss, ref_norm) in zip(losses, ref_losses):
             assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
         assert_close_params(params, ref_params)
+    context_parallel = _document_config(prefix)
+    context_parallel.parallel.context_parallel_size = 2  # ring attention with segment ids
+    losses, params = run_layout(context_parallel, 2)
+    for (loss, norm), (ref_loss, ref_norm) in zip(losses, ref_losses):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-5)
+    assert_close_params(params, ref_params)
     plain_losses, _ = run_layout(_document_config(prefix, masking=False), 1)
     assert plain_losses[0][0] != pytest.approx(ref_losses[0][0], rel=1e-3)
 

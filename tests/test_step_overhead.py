@@ -60,9 +60,11 @@ class StepCounter(TorchDispatchMode):
                 self.python_syncs["to(cpu)"] += 1
             return real_to(tensor, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, "to", to)
-        with self:
-            yield self
-        monkeypatch.undo()
+        try:
+            with self:
+                yield self
+        finally:
+            monkeypatch.undo()
 
     def _recording(self, name, real):
         def method(tensor, *args, **kwargs):
@@ -185,3 +187,63 @@ def test_vocabulary_rows_do_not_depend_on_padding_or_its_setting(monkeypatch):
             assert draws.values == -(-real_rows // 128) * 128 * 64
         full = torch.cat(shards)
         assert torch.equal(full[:300], unpadded) and full[300:].abs().sum() == 0
+
+
+# ---- whole training iterations ------------------------------------------------------------------
+def _tiny_config(num_layers: int, microbatches: int, precision: str):
+    from tests.test_training_parity import tiny_config
+    config = tiny_config()
+    config.model.num_layers = num_layers
+    config.training.global_batch_size = microbatches * config.training.micro_batch_size
+    config.training.train_iters = 3
+    config.optim.bf16 = precision == "bf16"
+    return config
+
+
+def _syncs_per_iteration(monkeypatch, num_layers: int, microbatches: int, precision: str):
+    """Syncs of iterations 2 and 3 (the first builds Adam's state), and the parameter count."""
+    from slimtron.training import setup, train
+    engine = setup(_tiny_config(num_layers, microbatches, precision), 1)
+    num_tensors = sum(1 for chunk in engine.model_chunks for _ in chunk.parameters())
+    seen = []
+    counter = StepCounter()
+    with counter.watching(monkeypatch):
+        train(engine, on_iteration=lambda it, loss, norm: seen.append(counter.syncs))
+    return [b - a for a, b in zip(seen, seen[1:])], num_tensors
+
+
+@pytest.mark.parametrize("precision,expected,runs", [
+    ("fp32", 2, ((1, 2), (1, 16), (16, 2))),  # (layers, micro-batches): 9 or 99 tensors
+    ("bf16", 1, ((1, 2),)),
+])
+def test_training_iteration_syncs_at_most_two_whatever_micro_batches_and_tensors(
+        monkeypatch, precision, expected, runs):
+    """fp32 reads the overflow flag; both read (loss, grad norm) once for the NaN accounting."""
+    for num_layers, microbatches in runs:
+        syncs, tensors = _syncs_per_iteration(monkeypatch, num_layers, microbatches, precision)
+        assert tensors == (9 if num_layers == 1 else 99)
+        assert syncs == [expected] * 2, (num_layers, microbatches, syncs)
+
+
+# ---- data prefetch ------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_prefetched_micro_batches_are_the_same_samples(num_workers):
+    from slimtron.data.mock_dataset import MockGPTDataset
+    from slimtron.training.data import MicroBatchPrefetcher, microbatches_for
+    config = _tiny_config(1, 3, "fp32")
+    config.data.num_workers = num_workers
+    gbs = config.training.global_batch_size
+    dataset = MockGPTDataset(10 * gbs, config.model.seq_length, config.model.vocab_size, seed=3)
+    pstate = ParallelState.single()
+    prefetcher = MicroBatchPrefetcher(dataset, config, pstate, 3)
+    try:
+        # In order, then a jump (a resumed run), then on from there to the last sample.
+        for first in [0, gbs, 2 * gbs, 6 * gbs, 7 * gbs, 8 * gbs, 9 * gbs]:
+            got, expected = prefetcher.get(first), microbatches_for(dataset, first, config, pstate, 3)
+            assert len(got) == len(expected) == 3
+            for a, b in zip(got, expected):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        with pytest.raises(Exception, match="the dataset has 60 samples"):
+            prefetcher.get(10 * gbs)
+    finally:
+        prefetcher.close()

@@ -1,5 +1,9 @@
-"""The data side of training: the three datasets, and each step's micro-batches for this rank."""
+"""The data side of training: the three datasets, and each step's micro-batches for this rank,
+read and collated in the background while the previous step runs (``MicroBatchPrefetcher``)."""
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
 
 import torch
 
@@ -67,17 +71,125 @@ def microbatches_for(dataset, first_sample: int, config: Config, pstate: Paralle
     """
     if dataset is None:
         return [None] * num_microbatches
-    mbs, dp = config.training.micro_batch_size, pstate.dp.size
+    return to_rank(host_microbatches(dataset, first_sample, config, pstate, num_microbatches),
+                   pstate)
+
+
+def microbatch_indices(first_sample: int, k: int, config: Config, pstate: ParallelState,
+                       dataset_length: int) -> list:
+    """Sample indices of this rank's micro-batch ``k`` of the global batch at ``first_sample``."""
+    mbs = config.training.micro_batch_size
+    start = first_sample + k * mbs * pstate.dp.size + pstate.dp.rank * mbs
+    if start + mbs > dataset_length:
+        raise ConfigError(f"the dataset has {dataset_length} samples; sample {start + mbs - 1} "
+                          "was asked for (it was built for fewer iterations than this run)")
+    return list(range(start, start + mbs))
+
+
+def collate(samples: list) -> dict:
+    return {key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
+            for key in samples[0]}
+
+
+def host_microbatches(dataset, first_sample: int, config: Config, pstate: ParallelState,
+                      num_microbatches: int) -> list:
+    """The micro-batches of ``microbatches_for``, collated on the host."""
     out = []
     for k in range(num_microbatches):
-        start = first_sample + k * mbs * dp + pstate.dp.rank * mbs
-        if start + mbs > len(dataset):
-            raise ConfigError(f"the dataset has {len(dataset)} samples; sample {start + mbs - 1} "
-                              "was asked for (it was built for fewer iterations than this run)")
-        samples = [dataset[start + j] for j in range(mbs)]
-        batch = {key: torch.stack([torch.as_tensor(s[key], device="cpu") for s in samples])
-                 for key in samples[0]}
+        indices = microbatch_indices(first_sample, k, config, pstate, len(dataset))
+        out.append(collate([dataset[i] for i in indices]))
+    return out
+
+
+def to_rank(microbatches: list, pstate: ParallelState) -> list:
+    """Host micro-batches as this rank computes on them: its sequence chunks, on its device."""
+    device, out = pstate.device, []
+    for batch in microbatches:
         # Context parallelism: this rank's two load-balanced chunks of every sequence.
         batch = shard_batch(batch, pstate.cp.size, pstate.cp.rank)
-        out.append({key: value.to(pstate.device) for key, value in batch.items()})
+        out.append({key: t if t.device == device else t.to(device, non_blocking=True)
+                    for key, t in batch.items()})
     return out
+
+
+class _StepIndices(torch.utils.data.Sampler):
+    """Index lists of this rank's micro-batches, step after step from ``first_sample``."""
+
+    def __init__(self, first_sample: int, config: Config, pstate: ParallelState,
+                 num_microbatches: int, dataset_length: int):
+        self.first_sample, self.config, self.pstate = first_sample, config, pstate
+        self.num_microbatches, self.dataset_length = num_microbatches, dataset_length
+
+    def __iter__(self):
+        first = self.first_sample
+        while True:  # ends before the first micro-batch the dataset cannot fill
+            for k in range(self.num_microbatches):
+                try:
+                    yield microbatch_indices(first, k, self.config, self.pstate,
+                                             self.dataset_length)
+                except ConfigError:
+                    return
+            first += self.config.training.global_batch_size
+
+
+class MicroBatchPrefetcher:
+    """``get(first_sample)`` returns ``microbatches_for(dataset, first_sample, ...)`` (the same
+    samples) and starts reading the next step's (``first_sample`` + global batch) in the
+    background. ``--num-workers 0``: one thread reads and collates; ``--num-workers n``: a
+    ``torch.utils.data.DataLoader`` with n worker processes (pinned memory on CUDA), as Megatron.
+    A request for other samples than the prefetched ones (a resumed or skipped step) is read
+    directly and restarts the prefetching from there."""
+
+    def __init__(self, dataset, config: Config, pstate: ParallelState, num_microbatches: int):
+        self.dataset, self.config, self.pstate = dataset, config, pstate
+        self.num_microbatches = num_microbatches
+        self.num_workers = config.data.num_workers
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        self._next_first: Optional[int] = None
+        self._future: Optional[Future] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._loader_iter = None
+
+    def get(self, first_sample: int) -> list:
+        if self.dataset is None:
+            return [None] * self.num_microbatches
+        for k in range(self.num_microbatches):  # out of samples: the one-line error, here
+            microbatch_indices(first_sample, k, self.config, self.pstate, len(self.dataset))
+        if self.num_workers > 0:
+            batches = self._from_loader(first_sample)
+        else:
+            batches = self._from_thread(first_sample)
+        self._next_first = first_sample + self.config.training.global_batch_size
+        return to_rank(batches, self.pstate)
+
+    def _from_thread(self, first_sample: int) -> list:
+        if self._future is not None and self._next_first == first_sample:
+            batches = self._future.result()
+        else:
+            batches = self._read(first_sample)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimtron-data")
+        following = first_sample + self.config.training.global_batch_size
+        self._future = self._pool.submit(self._read, following)
+        return batches
+
+    def _read(self, first_sample: int) -> list:
+        return host_microbatches(self.dataset, first_sample, self.config, self.pstate,
+                                 self.num_microbatches)
+
+    def _from_loader(self, first_sample: int) -> list:
+        if self._loader_iter is None or self._next_first != first_sample:
+            sampler = _StepIndices(first_sample, self.config, self.pstate, self.num_microbatches,
+                                   len(self.dataset))
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                collate_fn=collate, pin_memory=self.pstate.device.type == "cuda")
+            self._loader_iter = iter(loader)
+        return [next(self._loader_iter) for _ in range(self.num_microbatches)]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._future = self._loader_iter = None

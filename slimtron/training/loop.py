@@ -20,7 +20,7 @@ from slimtron.parallel.finalize_grads import finalize_model_grads
 from slimtron.parallel.pipeline import forward_backward
 from slimtron.parallel.state import ParallelState
 from slimtron.post_training.distillation import micro_batch_loss
-from slimtron.training.data import microbatches_for
+from slimtron.training.data import MicroBatchPrefetcher, microbatches_for
 from slimtron.training.metrics import (IterationLog, TensorBoard, ThroughputWindow, log,
                                        validation_block)
 from slimtron.training.setup import (Engine, TrainState, finish_saving, save, setup,
@@ -162,9 +162,21 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
     fpt = flops_per_token(config.model, config.model.seq_length)
     peak = device_peak(engine.params_dtype, pstate.device)
     window = ThroughputWindow()
+    data = MicroBatchPrefetcher(engine.datasets[0], config, pstate, engine.num_microbatches)
+    try:
+        _train_loop(engine, data, tb, window, fpt, peak, on_iteration)
+    finally:
+        data.close()
+    finish_saving(engine)
+    return s
+
+
+def _train_loop(engine: Engine, data: MicroBatchPrefetcher, tb: TensorBoard,
+                window: ThroughputWindow, fpt: float, peak, on_iteration) -> None:
+    config, pstate, s = engine.config, engine.pstate, engine.state
+    t = config.training
     while s.iteration < t.train_iters:
-        batch = microbatches_for(engine.datasets[0], s.consumed_train_samples, config, pstate,
-                                 engine.num_microbatches)
+        batch = data.get(s.consumed_train_samples)  # the next step's is read meanwhile
         loss, ok, grad_norm = train_step(engine, batch)
         s.iteration += 1
         s.consumed_train_samples += t.global_batch_size
@@ -186,8 +198,6 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
         if t.exit_interval and s.iteration % t.exit_interval == 0:
             log(pstate, f" exiting at iteration {s.iteration} (--exit-interval {t.exit_interval})")
             break
-    finish_saving(engine)
-    return s
 
 
 def _iteration_log(engine: Engine, window: ThroughputWindow, loss: float, grad_norm, fpt: float,

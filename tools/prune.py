@@ -3,6 +3,7 @@
 
     python tools/prune.py --load ckpt/ --save pruned/ --calib-data corpus_text_document \\
         [--target-ffn-hidden-size F] [--target-num-layers L] [--target-num-attention-heads H] \\
+        [--target-hidden-size D] \\
         [--calib-samples 64 --calib-batch-size 8 --seq-length S]
 
 Runs in one process: the checkpoint (any layout) is loaded whole, importance is measured on the
@@ -69,7 +70,7 @@ def prune(args) -> dict:
     model, config = load_whole_model(args.load)
     cfg = config.model
     pruning.check_targets(cfg, args.target_ffn_hidden_size, args.target_num_layers,
-                          args.target_num_attention_heads)
+                          args.target_num_attention_heads, args.target_hidden_size)
     seq = args.seq_length or cfg.seq_length
     if seq > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-length {seq} exceeds the model's max_position_embeddings "
@@ -78,7 +79,7 @@ def prune(args) -> dict:
                                   cfg.vocab_size)
     importance = pruning.collect_importance(model, batches)
     plan = pruning.make_plan(importance, cfg, args.target_ffn_hidden_size, args.target_num_layers,
-                             args.target_num_attention_heads)
+                             args.target_num_attention_heads, args.target_hidden_size)
     pruned = pruning.prune_model(model, plan, seed=config.training.seed)
     out = Config.from_dict(config.to_dict())
     out.model, out.parallel = pruned.config, ParallelConfig()
@@ -90,7 +91,8 @@ def prune(args) -> dict:
     m = pruned.config
     print(f"pruned {args.load} -> {args.save}: {before:,} -> {after:,} parameters "
           f"({100 * after / before:.1f}%; non-embedding {core[0]:,} -> {core[1]:,}, "
-          f"{100 * core[1] / core[0]:.1f}%): layers {cfg.num_layers} -> {m.num_layers}, ffn "
+          f"{100 * core[1] / core[0]:.1f}%): layers {cfg.num_layers} -> {m.num_layers}, hidden "
+          f"{cfg.hidden_size} -> {m.hidden_size}, ffn "
           f"{cfg.ffn_hidden_size} -> {m.ffn_hidden_size}, heads {cfg.num_attention_heads} -> "
           f"{m.num_attention_heads} (query groups {cfg.num_query_groups} -> {m.num_query_groups})")
     return {"before": before, "after": after, "plan": plan}
@@ -104,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-ffn-hidden-size", type=int, default=None)
     p.add_argument("--target-num-layers", type=int, default=None)
     p.add_argument("--target-num-attention-heads", type=int, default=None)
+    p.add_argument("--target-hidden-size", type=int, default=None,
+                   help="embedding channels (Minitron's embedding axis)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=None, help="default: the checkpoint's")

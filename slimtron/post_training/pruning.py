@@ -8,13 +8,17 @@ Importance (Sreenivas et al., "LLM Pruning and Distillation in Practice: The Min
   the heads of a query group. Whole query groups are pruned (heads per group stay fixed), which in
   multi-head attention is pruning single heads;
 - layers: the mean over tokens of ``1 - cos(x_in, x_out)`` (how much the layer changes the hidden
-  state); the layers that change it least go.
+  state); the layers that change it least go;
+- embedding channels (the hidden size): the L2 norm of each channel of every norm's output (both
+  norms of every layer and the final norm), summed over the norms.
 
 Width is pruned to the same size in every kept layer (each layer keeps its own best units), since a
-``ModelConfig`` has one ffn size and one head count. Removing a unit is exactly zeroing its output
-weights (``linear_fc2`` columns of a neuron, ``linear_proj`` columns of a head, both output
-projections and their biases for a layer, which then adds nothing to the residual stream), which is
-what tests/test_pruning.py checks.
+``ModelConfig`` has one ffn size and one head count. Removing a neuron, head or layer is exactly
+zeroing its output weights (``linear_fc2`` columns of a neuron, ``linear_proj`` columns of a head,
+both output projections and their biases for a layer, which then adds nothing to the residual
+stream), which is what tests/test_pruning.py checks. Removing embedding channels is zeroing them
+everywhere up to the norms, which then average over fewer channels: with RMSNorm and no epsilon it
+is exactly the zeroed model with every norm weight scaled by sqrt(kept / hidden) (also tested).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Importance:
     neurons: dict  # layer index -> [ffn] L2 norm of each MLP neuron's activation
     groups: dict  # layer index -> [num_query_groups] L2 norm of each group's attention output
     layers: dict  # layer index -> mean(1 - cos(in, out))
+    channels: torch.Tensor  # [hidden] summed L2 norms of each channel of the norms' outputs
 
 
 @dataclass
@@ -43,6 +48,7 @@ class PrunePlan:
     kept_layers: list
     kept_neurons: dict  # original layer index -> neuron indices
     kept_groups: dict  # original layer index -> query-group indices
+    kept_channels: list  # embedding (hidden) channels
 
 
 # ---- importance ----------------------------------------------------------------------------
@@ -53,6 +59,7 @@ def collect_importance(model, batches: Iterable[torch.Tensor]) -> Importance:
     cfg: ModelConfig = model.config
     heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
     neuron_sq, head_sq, change, tokens = {}, {}, {}, [0]
+    channel_norms = {}
     hooks = []
 
     def neurons_of(i):
@@ -74,6 +81,13 @@ def collect_importance(model, batches: Iterable[torch.Tensor]) -> Importance:
             change[i] = change.get(i, 0.0) + (1.0 - cos).sum().item()
         return hook
 
+    def channels_of(name):
+        def hook(module, args, output):
+            channel_norms[name] = channel_norms.get(name, 0) + output.float().pow(2).sum(dim=(0, 1))
+        return hook
+
+    norms = [(n, m) for n, m in model.named_modules() if n.endswith("layernorm")]
+    hooks += [m.register_forward_hook(channels_of(n)) for n, m in norms]
     for key, layer in model.decoder.layers.items():
         i = int(key)
         hooks += [layer.mlp.linear_fc2.register_forward_pre_hook(neurons_of(i)),
@@ -94,7 +108,8 @@ def collect_importance(model, batches: Iterable[torch.Tensor]) -> Importance:
     groups = {i: sq.view(cfg.num_query_groups, heads_per_group).sum(dim=1).sqrt()
               for i, sq in head_sq.items()}
     return Importance(neurons={i: sq.sqrt() for i, sq in neuron_sq.items()}, groups=groups,
-                      layers={i: c / tokens[0] for i, c in change.items()})
+                      layers={i: c / tokens[0] for i, c in change.items()},
+                      channels=sum(sq.sqrt() for sq in channel_norms.values()))
 
 
 # ---- plan ----------------------------------------------------------------------------------
@@ -106,32 +121,37 @@ def _top(scores: torch.Tensor, k: int) -> list:
 
 
 def check_targets(cfg: ModelConfig, ffn: Optional[int], layers: Optional[int],
-                  heads: Optional[int]) -> tuple[int, int, int]:
+                  heads: Optional[int], hidden: Optional[int] = None) -> tuple[int, int, int, int]:
     """The targets (None = keep), checked against the model; one-line ConfigError otherwise."""
     ffn = cfg.ffn_hidden_size if ffn is None else ffn
     layers = cfg.num_layers if layers is None else layers
     heads = cfg.num_attention_heads if heads is None else heads
+    hidden = cfg.hidden_size if hidden is None else hidden
     for flag, value, current in (("--target-ffn-hidden-size", ffn, cfg.ffn_hidden_size),
                                  ("--target-num-layers", layers, cfg.num_layers),
-                                 ("--target-num-attention-heads", heads, cfg.num_attention_heads)):
+                                 ("--target-num-attention-heads", heads, cfg.num_attention_heads),
+                                 ("--target-hidden-size", hidden, cfg.hidden_size)):
         if not 1 <= value <= current:
             raise ConfigError(f"{flag} {value} must be between 1 and the model's {current}")
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     if heads % per_group:
         raise ConfigError(f"--target-num-attention-heads {heads} is not a multiple of the "
                           f"{per_group} heads per query group (whole query groups are pruned)")
-    return ffn, layers, heads
+    return ffn, layers, heads, hidden
 
 
 def make_plan(importance: Importance, cfg: ModelConfig, target_ffn: Optional[int] = None,
-              target_layers: Optional[int] = None, target_heads: Optional[int] = None) -> PrunePlan:
-    ffn, num_layers, heads = check_targets(cfg, target_ffn, target_layers, target_heads)
+              target_layers: Optional[int] = None, target_heads: Optional[int] = None,
+              target_hidden: Optional[int] = None) -> PrunePlan:
+    ffn, num_layers, heads, hidden = check_targets(cfg, target_ffn, target_layers, target_heads,
+                                                   target_hidden)
     groups = heads // (cfg.num_attention_heads // cfg.num_query_groups)
     layer_scores = torch.tensor([importance.layers[i] for i in range(cfg.num_layers)])
     kept = _top(layer_scores, num_layers)
     return PrunePlan(kept_layers=kept,
                      kept_neurons={i: _top(importance.neurons[i], ffn) for i in kept},
-                     kept_groups={i: _top(importance.groups[i], groups) for i in kept})
+                     kept_groups={i: _top(importance.groups[i], groups) for i in kept},
+                     kept_channels=_top(importance.channels, hidden))
 
 
 def pruned_model_config(cfg: ModelConfig, plan: PrunePlan) -> ModelConfig:
@@ -139,6 +159,7 @@ def pruned_model_config(cfg: ModelConfig, plan: PrunePlan) -> ModelConfig:
     groups = len(plan.kept_groups[first])
     per_group = cfg.num_attention_heads // cfg.num_query_groups
     return dataclasses.replace(cfg, num_layers=len(plan.kept_layers),
+                               hidden_size=len(plan.kept_channels),
                                ffn_hidden_size=len(plan.kept_neurons[first]),
                                num_attention_heads=groups * per_group, num_query_groups=groups,
                                kv_channels=cfg.kv_channels)
@@ -169,20 +190,33 @@ def _slice_layer_param(suffix: str, t: torch.Tensor, cfg: ModelConfig, neurons: 
     return t  # norms, output-projection biases
 
 
+def hidden_dim(name: str) -> Optional[int]:
+    """The dimension of a parameter that runs over the embedding channels (None: no such one)."""
+    if name.endswith(("word_embeddings.weight", "position_embeddings.weight",
+                      "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")):
+        return 1
+    if name.endswith(("layernorm.weight", "layernorm.bias", "linear_proj.weight",
+                      "linear_proj.bias", "linear_fc2.weight", "linear_fc2.bias")):
+        return 0
+    return None  # the qkv and fc1 biases
+
+
 def prune_state(full: dict, cfg: ModelConfig, plan: PrunePlan) -> dict:
     """Full (TP=1) tensors by global name -> the pruned model's, layers renumbered 0..L'-1."""
     new_index = {old: new for new, old in enumerate(plan.kept_layers)}
     out = {}
     for name, t in full.items():
-        if not name.startswith(_LAYER):
-            out[name] = t
-            continue
-        index, suffix = name[len(_LAYER):].split(".", 1)
-        old = int(index)
-        if old not in new_index:
-            continue
-        out[f"{_LAYER}{new_index[old]}.{suffix}"] = _slice_layer_param(
-            suffix, t, cfg, plan.kept_neurons[old], plan.kept_groups[old]).contiguous()
+        if name.startswith(_LAYER):
+            index, suffix = name[len(_LAYER):].split(".", 1)
+            old = int(index)
+            if old not in new_index:
+                continue
+            t = _slice_layer_param(suffix, t, cfg, plan.kept_neurons[old], plan.kept_groups[old])
+            name = f"{_LAYER}{new_index[old]}.{suffix}"
+        dim = hidden_dim(name)
+        if dim is not None and len(plan.kept_channels) < cfg.hidden_size:
+            t = _index(t, dim, plan.kept_channels)
+        out[name] = t.contiguous()
     return out
 
 

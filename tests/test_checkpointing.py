@@ -88,6 +88,17 @@ def test_reshard_both_ways_continues_with_the_same_losses(tmp_path):
     assert_continues(back, reference, 5)
 
 
+def test_context_parallel_checkpoint_loads_without_it(tmp_path):
+    """cp=2 with the distributed optimizer (sharded over dp x cp; weights replicated over cp):
+    loaded by one process, the run goes on with the same losses."""
+    reference = run(configured(), 1)
+    ckpt = str(tmp_path / "ckpt")
+    saved = configured(save=ckpt, save_interval=3, exit_interval=3, dist_opt=True)
+    saved.parallel.context_parallel_size = 2
+    run(saved, 2)
+    assert_continues(run(configured(load=ckpt), 1), reference, 4)
+
+
 def test_killed_save_is_never_loaded(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     whole = run(configured(), 1)

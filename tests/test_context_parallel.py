@@ -1,6 +1,7 @@
 """Context parallelism: load-balanced sharding and ring attention against full causal attention."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -186,7 +187,9 @@ STEPS = 3
 
 class UnevenLossMask:
     """The mock data with loss masks that differ between samples and between sequence chunks,
-    so that cp ranks count different numbers of tokens (mock data alone masks nothing)."""
+    so that cp ranks count different numbers of tokens (mock data alone masks nothing), and
+    packed documents: ``segment_ids`` with boundaries inside and across chunks, positions
+    restarting at each document."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -197,8 +200,16 @@ class UnevenLossMask:
     def __getitem__(self, i):
         sample = dict(self.dataset[i])
         mask = sample["loss_mask"].copy()
-        mask[:(i % 4) * len(mask) // 5] = 0.0  # a prefix of 0-60% of the sequence
+        s = len(mask)
+        mask[:(i % 4) * s // 5] = 0.0  # a prefix of 0-60% of the sequence
         sample["loss_mask"] = mask
+        starts = [0, 37 + 13 * (i % 5), s // 2 + 20 * (i % 3)]
+        segments = np.zeros(s, dtype=np.int64)
+        positions = np.arange(s, dtype=np.int64)
+        for doc, start in enumerate(starts):
+            segments[start:] = doc
+            positions[start:] = np.arange(s - start)
+        sample["segment_ids"], sample["position_ids"] = segments, positions
         return sample
 
 

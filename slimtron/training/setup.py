@@ -104,6 +104,9 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
         engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,
                                       sequence_parallel=p.sequence_parallel,
                                       params_dtype=params_dtype, seed=t.seed)
+        log(pstate, f" distillation from {t.kd_teacher_load}: the training loss (logged as lm "
+                    f"loss) is {t.kd_alpha} * T^2 KL + {1 - t.kd_alpha:g} * LM at T = "
+                    f"{t.kd_temperature}; validation reports the LM loss")
     if t.load:
         load(engine)
     engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)

@@ -213,7 +213,7 @@ class UnevenLossMask:
         return sample
 
 
-def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False):
+def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False, per_token=False):
     from slimtron.config import (Config, DataConfig, OptimizerConfig, ParallelConfig,
                                  TrainingConfig)
     model = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -230,7 +230,7 @@ def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False):
                               weight_decay=0.1),
         data=DataConfig(mock_data=True),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=STEPS,
-                                log_interval=100, seed=7))
+                                log_interval=100, seed=7, calculate_per_token_loss=per_token))
 
 
 def _train_cp_layout(rank, world, config):
@@ -276,6 +276,19 @@ def test_cp_training_matches_single_process(name, cp_reference):
         assert norm == pytest.approx(ref_norm, rel=1e-5), f"grad norm at step {step}"
     assert ref_losses[-1][0] < ref_losses[0][0]  # it trains
     assert_close_params(full_params(results), ref_params)
+
+
+def test_cp_per_token_loss_matches_single_process():
+    """--calculate-per-token-loss: every token of the global batch weighs the same, counted over
+    dp x cp (uneven masks make the cp ranks' counts differ)."""
+    from tests.test_training_parity import assert_close_params, full_params
+    reference = run_distributed(_train_cp_layout, 1, cp_config(per_token=True), timeout=600)
+    results = run_distributed(_train_cp_layout, 4, cp_config(cp=2, per_token=True), timeout=600)
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(
+            zip(results[-1][1], reference[0][1]), 1):
+        assert loss == pytest.approx(ref_loss, rel=1e-5), f"loss at step {step}"
+        assert norm == pytest.approx(ref_norm, rel=1e-5), f"grad norm at step {step}"
+    assert_close_params(full_params(results), full_params(reference))
 
 
 @pytest.mark.parametrize("kwargs, change, message", [

@@ -106,10 +106,13 @@ def build_rank(config: Config, device: torch.device = META) -> Engine:
 def meta_microbatch(config: Config, device=META) -> dict:
     """One micro-batch as a rank computes on it: its 1/cp of each sequence (context parallelism)."""
     b, s = config.training.micro_batch_size, config.model.seq_length // config.parallel.cp
-    return {"tokens": torch.zeros(b, s, dtype=torch.long, device=device),
-            "labels": torch.zeros(b, s, dtype=torch.long, device=device),
-            "loss_mask": torch.ones(b, s, dtype=torch.float32, device=device),
-            "position_ids": torch.zeros(b, s, dtype=torch.long, device=device)}
+    batch = {"tokens": torch.zeros(b, s, dtype=torch.long, device=device),
+             "labels": torch.zeros(b, s, dtype=torch.long, device=device),
+             "loss_mask": torch.ones(b, s, dtype=torch.float32, device=device),
+             "position_ids": torch.zeros(b, s, dtype=torch.long, device=device)}
+    if config.data.reset_attention_mask:  # attention within documents: the mask is memory too
+        batch["segment_ids"] = torch.zeros(b, s, dtype=torch.long, device=device)
+    return batch
 
 
 def chunk_activations(engine: Engine, chunk_index: int, batch: dict) -> tuple[int, float]:

@@ -26,7 +26,7 @@ rotary embedding, SDPA with a flash or memory-efficient kernel, no dropout), der
     residual         nothing
     pre-MLP norm     its input (u h e) + 1/rms (4 u)
     fc1 linear       norm output: u h e (as QKV)
-    SwiGLU           fc1's output (gate and up, 2 s b f e / t) and silu(gate) (s b f e / t)
+    SwiGLU           fc1's output (gate and up, 2 s b f e / t); silu(gate) is recomputed
     fc2 linear       silu(gate) * up: s b f e / t
 
 A flash kernel keeps no s x s scores; the math kernel (``attention="math"``) keeps the softmax
@@ -130,6 +130,7 @@ class ActivationSpec:
     element_size: int = 2  # 2 for bf16/fp16, 4 for fp32
     training: bool = True  # dropout masks exist only in training
     cp: int = 1  # context parallel: a rank holds seq_length / cp tokens of each sequence
+    document_mask: bool = False  # --reset-attention-mask: attention within packed documents
 
     @property
     def tokens(self) -> int:
@@ -163,13 +164,22 @@ def attention_core_bytes(model, spec: ActivationSpec) -> float:
         rotated = sb * a * d * e / t if g != a else 0.0
     out = sb * a * d * e / t
     logsumexp = 4.0 * sb * a / t if spec.recompute != "selective" else 0.0
-    return qkv + rotated + out + logsumexp
+    return qkv + rotated + out + logsumexp + document_mask_bytes(spec)
+
+
+def document_mask_bytes(spec: ActivationSpec) -> float:
+    """Attention within packed documents passes SDPA a boolean [b, 1, s, s] mask, which it turns
+    into an additive one in the activations' dtype and keeps for backward, in every layer (every
+    TP rank holds all of it). Under context parallelism ring attention's masks are not modelled."""
+    if not spec.document_mask or spec.cp > 1:
+        return 0.0
+    return spec.micro_batch_size * spec.seq_length ** 2 * spec.element_size
 
 
 def mlp_bytes(model, spec: ActivationSpec) -> float:
-    """SwiGLU: fc1's output (gate and up), silu(gate) and their product (fc2's input); GeLU: fc1's
-    output and the GeLU (fc2's input)."""
-    per_f = 4 if model.swiglu else 2
+    """SwiGLU (fused, as Megatron's): fc1's output (gate and up) and the product (fc2's input);
+    GeLU: fc1's output and the GeLU (fc2's input)."""
+    per_f = 3 if model.swiglu else 2
     return per_f * spec.tokens * model.ffn_hidden_size * spec.element_size / spec.tp
 
 
@@ -434,7 +444,8 @@ def activation_spec(config) -> ActivationSpec:
                           recompute_method=t.recompute_method or "uniform",
                           recompute_num_layers=t.recompute_num_layers or 1,
                           element_size=2 if (config.optim.bf16 or config.optim.fp16) else 4,
-                          cp=config.parallel.cp)
+                          cp=config.parallel.cp,
+                          document_mask=config.data.reset_attention_mask)
 
 
 def state_spec(config) -> StateSpec:

@@ -106,7 +106,8 @@ def test_saved_activations_counts_each_storage_once():
 
 # ---- the dry run's prediction against a real step, per rank -----------------------------------
 
-from slimtron.config import Config, OptimizerConfig, ParallelConfig, TrainingConfig  # noqa: E402
+from slimtron.config import (Config, DataConfig, OptimizerConfig, ParallelConfig,  # noqa: E402
+                             TrainingConfig)
 from slimtron.dry_run import build_rank, dry_run, meta_microbatch  # noqa: E402
 
 WORLD = 4
@@ -118,6 +119,7 @@ LAYOUTS = {
     "pp4-interleaved": (1, 4, 1, False, False, None, None, None),
     "dp4-distopt": (1, 1, None, False, True, None, None, None),
     "tp2-pp2-interleaved-sp-full-block": (2, 2, 2, True, False, "full", "block", 1),
+    "tp2-pp2-sp-document-mask": (2, 2, None, True, False, None, None, None),
 }
 
 
@@ -127,7 +129,7 @@ def layout_config(name: str) -> Config:
                                 hidden_size=64,
                                 ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2)
     dp = WORLD // (tp * pp)
-    return Config(model=model,
+    return Config(model=model, data=DataConfig(reset_attention_mask=name.endswith("document-mask")),
                   parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                           pipeline_model_parallel_size=pp,
                                           num_layers_per_virtual_pipeline_stage=per_virtual,

@@ -80,10 +80,10 @@ def _gib(text: str, label: str) -> str:
 
 def _llama_layer_bytes(s, b, h, a, g, f, t=1, sp=False) -> float:
     """Our model's per-layer activations in bf16 (slimtron/memory.py's derivation, by hand):
-    sbh(14 + 6g/a + 8f/h) + sb(8 + 4a), all over t under TP+SP; TP alone leaves 8sbh + 8sb whole."""
+    sbh(14 + 6g/a + 6f/h) + sb(8 + 4a), all over t under TP+SP; TP alone leaves 8sbh + 8sb whole."""
     if sp or t == 1:
-        return (s * b * h * (14 + 6 * g / a + 8 * f / h) + s * b * (8 + 4 * a)) / t
-    return s * b * h * (8 + (6 + 6 * g / a + 8 * f / h) / t) + s * b * (8 + 4 * a / t)
+        return (s * b * h * (14 + 6 * g / a + 6 * f / h) + s * b * (8 + 4 * a)) / t
+    return s * b * h * (8 + (6 + 6 * g / a + 6 * f / h) / t) + s * b * (8 + 4 * a / t)
 
 
 def test_llama2_7b_count_and_single_rank_memory(capsys):

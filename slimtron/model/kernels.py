@@ -82,11 +82,15 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     elif per_group > 1:
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
-    if q.device.type == "meta" and attn_mask is None and dropout_p == 0.0:
+    if q.device.type == "meta" and dropout_p == 0.0:
         # The dry run (slimtron.dry_run): on meta SDPA would trace the math kernel and its s x s
-        # scores; count what the flash kernel a GPU runs keeps (q, k, v, output, logsumexp).
+        # scores; count what the fused kernel a GPU runs keeps (q, k, v, output, logsumexp, and
+        # a boolean mask turned into an additive one in q's dtype, as SDPA does).
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf"))
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal)[0]
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask)[0]
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, **gqa)
@@ -124,3 +128,26 @@ class _RMSNorm(torch.autograd.Function):
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         grad_weight = (grad.float() * normed).reshape(-1, x.shape[-1]).sum(0)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = [gate, up] along the last dim, keeping only x for backward (as
+    Megatron's fused SwiGLU): autograd would also keep silu(gate), half of x's size again."""
+    return _SwiGLU.apply(x)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        gate, up = x.float().chunk(2, dim=-1)
+        grad = grad.float()
+        sig = torch.sigmoid(gate)
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+        return torch.cat([grad_gate, grad * gate * sig], dim=-1).to(x.dtype)

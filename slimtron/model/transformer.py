@@ -191,8 +191,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = kernels.swiglu(h)
         else:
             h = F.gelu(h)
         return self.linear_fc2(h)

@@ -25,6 +25,7 @@ import shutil
 import threading
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from slimtron.checkpointing import dist_format, v1
@@ -77,7 +78,7 @@ class _Job:
             fsync_dir(self.root)
             write_tracker(self.root, self.iteration)
         barrier(group)  # ... and committed
-        self.chunks = None  # frees the staged host copies
+        self.chunks = None
 
 
 def _plan_job(root, iteration, model_chunks, optimizer, pstate, config, consumed_samples,
@@ -124,13 +125,16 @@ class AsyncSaver:
     """``--async-save``: format-2 saves whose write and commit run in a background thread.
 
     The thread's barriers use a process group of their own (gloo), so that they never interleave
-    with the training's collectives. Every rank holds one saver and calls ``save`` together."""
+    with the training's collectives. The staged copy (this rank's share: its optimizer range and
+    its part of the weights) lives in one host buffer kept from save to save. Every rank holds
+    one saver and calls ``save`` together."""
 
     def __init__(self):
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._group = None
         self._group_made = False
+        self._staging: Optional[torch.Tensor] = None
         atexit.register(self.wait)
 
     def save(self, root: str, iteration: int, model_chunks, optimizer, pstate, config,
@@ -144,11 +148,20 @@ class AsyncSaver:
             self._group_made = True
         job = _plan_job(root, iteration, model_chunks, optimizer, pstate, config,
                         consumed_samples, extra, rng_tracker)
-        job.chunks = dist_format.stage(job.chunks)
+        job.chunks = dist_format.stage(job.chunks, self._staging_buffer(job.chunks, pstate))
         self._thread = threading.Thread(target=self._run, args=(job,), daemon=True,
                                         name=f"checkpoint-save-{iteration}")
         self._thread.start()
         return job.final
+
+    def _staging_buffer(self, chunks: list, pstate):
+        """This rank's share in host memory, kept for the next save (pinned for a GPU)."""
+        size = dist_format.staging_size(chunks)
+        if self._staging is None or self._staging.numel() != size:
+            self._staging = None
+            self._staging = torch.empty(size, dtype=torch.uint8, device="cpu",
+                                        pin_memory=pstate.device.type == "cuda")
+        return self._staging
 
     def _run(self, job: _Job):
         try:

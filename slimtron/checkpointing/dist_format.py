@@ -146,9 +146,28 @@ def plan(model_chunks, optimizer, pstate, vocab_size: int) -> tuple:
     return entries, chunks
 
 
-def stage(chunks: list) -> list:
-    """Host copies of every chunk (for a background write: training goes on changing them)."""
-    return [Chunk(c.key, c.box, c.data.to("cpu", copy=True)) for c in chunks]
+def _aligned(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def staging_size(chunks: list) -> int:
+    return sum(_aligned(c.box.numel * c.data.element_size()) for c in chunks)
+
+
+def stage(chunks: list, buffer: torch.Tensor) -> list:
+    """Copies of every chunk in ``buffer`` (uint8, host, ``staging_size`` bytes), for a
+    background write while training goes on changing the originals. A buffer kept from one save
+    to the next makes this a plain copy: first-touch page faults cost 4x the copy on CPU."""
+    out, at = [], 0
+    for c in chunks:
+        n = c.box.numel * c.data.element_size()
+        view = buffer[at:at + n].view(c.data.dtype).view(c.box.sizes)
+        view.copy_(c.data, non_blocking=buffer.is_pinned())
+        out.append(Chunk(c.key, c.box, view))
+        at += _aligned(n)
+    if buffer.is_pinned() and any(c.data.is_cuda for c in chunks):
+        torch.cuda.synchronize()
+    return out
 
 
 def chunk_records(chunks: list, rank: int) -> list:

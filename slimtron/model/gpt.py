@@ -88,7 +88,7 @@ class GPTModel(nn.Module):
                  post_process: bool = True, layer_numbers: Optional[Sequence[int]] = None,
                  sequence_parallel: bool = False, params_dtype=torch.float32, device=None,
                  seed: int = 1234, recompute: RecomputeArg = None,
-                 rng_tracker: Optional[RNGStatesTracker] = None):
+                 rng_tracker: Optional[RNGStatesTracker] = None, initialize: bool = True):
         super().__init__()
         validate_parallel_config(config, pstate.tp_size, sequence_parallel=sequence_parallel)
         device = torch.device(device) if device is not None else pstate.device
@@ -121,7 +121,8 @@ class GPTModel(nn.Module):
 
         for name, param in self.named_parameters():
             param.global_name = name
-        initialize_parameters(self, config, seed, pstate)
+        if initialize:  # False: left uninitialised for a checkpoint load to fill
+            initialize_parameters(self, config, seed, pstate)
 
     def shared_embedding_or_output_weight(self) -> Optional[nn.Parameter]:
         """The output projection weight (the word embeddings when tied); None off the last stage."""
@@ -187,7 +188,7 @@ class GPTModel(nn.Module):
 def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
                        sequence_parallel: bool = False, params_dtype=torch.float32,
                        seed: int = 1234, recompute: RecomputeArg = None,
-                       device=None) -> list[GPTModel]:
+                       device=None, initialize: bool = True) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), sharing one RNG tracker."""
     validate_parallel_config(config, pstate.tp_size, pstate.pp_size, virtual_pp_size,
                              sequence_parallel)
@@ -202,5 +203,5 @@ def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
             layer_numbers=chunk_layer_numbers(config.num_layers, pstate.pp_size, pstate.pp_rank,
                                               virtual_pp_size, c),
             sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
-            seed=seed, recompute=recompute, rng_tracker=tracker))
+            seed=seed, recompute=recompute, rng_tracker=tracker, initialize=initialize))
     return chunks

@@ -83,10 +83,13 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
     pstate = build_parallel_state(config, device)
     seed_default_generators(t.seed, pstate)
     params_dtype = DTYPES[config.optim.params_dtype_name]
+    # A checkpoint about to overwrite every weight: draw no initial values (start-up time).
+    weights_from_checkpoint = (bool(t.load) and not t.finetune
+                               and checkpointing.latest_iteration(t.load) is not None)
     model_chunks = build_model_chunks(
         config.model, pstate, pstate.virtual_pp_size, sequence_parallel=p.sequence_parallel,
         params_dtype=params_dtype, seed=t.seed, device=device,
-        recompute=Recompute.from_training_config(t))
+        recompute=Recompute.from_training_config(t), initialize=not weights_from_checkpoint)
     num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp.size)
     grads = optimizer = None
     if training:

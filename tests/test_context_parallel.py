@@ -105,7 +105,7 @@ def _ring_worker(rank, world):
     return _layer_activation_bytes(pstate)
 
 
-def _model_loss_and_grads(pstate, tokens, labels, weight):
+def _model_loss_and_grads(pstate, tokens, labels, weight, recompute=None):
     """Per-token loss of a tiny GQA Llama (RoPE from the model's default positions) on this cp
     rank's tokens, and its parameter grads summed over cp (the dp x cp reduction's sum)."""
     config = ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6,
@@ -113,7 +113,7 @@ def _model_loss_and_grads(pstate, tokens, labels, weight):
                          position_embedding_type="rope", swiglu=True, add_bias_linear=False,
                          untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
                          attention_dropout=0.0)
-    model = GPTModel(config, pstate)
+    model = GPTModel(config, pstate, recompute=recompute)
     shard = lambda t: cpar.shard_sequence(t, 1, pstate.cp.size, pstate.cp.rank)  # noqa: E731
     loss = model(tokens=shard(tokens), labels=shard(labels))
     (loss * shard(weight)).sum().backward()
@@ -129,11 +129,13 @@ def _check_model(pstate):
     tokens, labels = torch.randint(0, 100, (2, 2, SEQ), generator=g)
     weight = torch.rand(2, SEQ, generator=g)
     ref_loss, ref_grads = _model_loss_and_grads(ParallelState.single(), tokens, labels, weight)
-    loss, grads = _model_loss_and_grads(pstate, tokens, labels, weight)
     shard = cpar.shard_sequence(ref_loss, 1, pstate.cp.size, pstate.cp.rank)
-    torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg="model loss")
-    for name, ref in ref_grads.items():
-        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+    for recompute in (None, "selective", "full"):  # recomputation re-runs the ring in backward
+        loss, grads = _model_loss_and_grads(pstate, tokens, labels, weight, recompute)
+        torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg=f"loss, {recompute}")
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}, recompute {recompute}")
 
 
 def test_ring_attention_matches_full_attention_cp1():
@@ -158,7 +160,8 @@ def _layer_activation_bytes(pstate) -> float:
 
 def test_ring_attention_matches_full_attention_cp2_cp4():
     """One launch of 4 ranks: ring attention at cp=4 and (two pairs) cp=2, then a whole model at
-    cp=4 against one process, then the memory model's activation bytes at cp=4."""
+    cp=4 against one process (without, selective and full recomputation), then the memory
+    model's activation bytes at cp=4."""
     from tests.test_memory import LLAMA, MICRO_BATCH
     per_layer = run_distributed(_ring_worker, 4)
     assert len(set(per_layer)) == 1  # load balancing: every cp rank keeps the same

@@ -58,6 +58,7 @@ _PARALLEL_FLAGS = [
     ("--use-distributed-optimizer", None, dict(action="store_true")),
     ("--overlap-grad-reduce", None, dict(action="store_true")),
     ("--ddp-bucket-size", "bucket_size", dict(type=int, help="elements per gradient bucket")),
+    ("--grad-reduce-in-bf16", None, dict(action="store_true", help="bf16 gradient buffers")),
     ("--distributed-backend", None, dict(choices=["nccl", "gloo"])),
     ("--distributed-timeout-minutes", None, dict(type=float)),
 ]
@@ -83,6 +84,12 @@ _OPTIM_FLAGS = [
     ("--min-loss-scale", None, dict(type=float)),
     ("--loss-scale-window", None, dict(type=int)),
     ("--hysteresis", None, dict(type=int)),
+    ("--lr-warmup-samples", None, dict(type=int, help="sample-based training (--train-samples)")),
+    ("--lr-decay-samples", None, dict(type=int, help="default --train-samples")),
+    ("--decoupled-lr", None, dict(type=float, help="max lr of the input embedding and output "
+                                                  "layer (same schedule)")),
+    ("--decoupled-min-lr", None, dict(type=float, help="their min lr; default --min-lr")),
+    ("--fp8-format", None, dict(choices=["e4m3", "hybrid"], help="refused: no FP8 training")),
 ]
 
 _DATA_FLAGS = [
@@ -100,6 +107,8 @@ _DATA_FLAGS = [
     ("--reset-attention-mask", None, dict(action="store_true")),
     ("--eod-mask-loss", None, dict(action="store_true")),
     ("--mock-data", None, dict(action="store_true", help="synthetic tokens, no --data-path")),
+    ("--no-mmap-bin-files", "mmap_bin_files", dict(action="store_false",
+                                                   help="read .bin files without mmap")),
     ("--sft", None, dict(action="store_true", help="--data-path names .jsonl conversations or "
                                                    "prompt/response pairs: loss on answers only, "
                                                    "packed with per-conversation attention")),
@@ -130,6 +139,29 @@ _TRAINING_FLAGS = [
     ("--recompute-method", None, dict(choices=["uniform", "block"])),
     ("--recompute-num-layers", None, dict(type=int)),
     ("--eval-only", None, dict(action="store_true")),
+    ("--train-samples", None, dict(type=int, help="sample-based training (sets the iterations)")),
+    ("--rampup-batch-size", None, dict(type=int, nargs=3, help="START INCREMENT SAMPLES: the "
+                                                             "global batch grows to its final size")),
+    ("--step-batch-size-schedule", None, dict(type=str, help='"THRESHOLD:BATCH ..." thresholds '
+                                                            "in tokens (K/M/B/T suffixes)")),
+    ("--calculate-per-token-loss", None, dict(action="store_true", help="loss summed over tokens "
+                                                                       "/ global token count")),
+    ("--exit-duration-in-mins", None, dict(type=float, help="save and exit after this long")),
+    ("--exit-signal-handler", None, dict(action="store_true", help="on SIGTERM: finish the step, "
+                                                                  "save, exit 0")),
+    ("--manual-gc", None, dict(action="store_true", help="Python's collector only every "
+                                                        "--manual-gc-interval steps")),
+    ("--manual-gc-interval", None, dict(type=int)),
+    ("--empty-unused-memory-level", None, dict(type=int, choices=[0, 1, 2])),
+    ("--log-throughput", None, dict(action="store_true", help="TFLOP/s per GPU in the log line")),
+    ("--profile", None, dict(action="store_true", help="torch profiler trace of steps "
+                                                      "[--profile-step-start, --profile-step-end)")),
+    ("--profile-step-start", None, dict(type=int)),
+    ("--profile-step-end", None, dict(type=int)),
+    ("--profile-ranks", None, dict(type=int, nargs="+")),
+    ("--wandb-project", None, dict(type=str)),
+    ("--wandb-exp-name", None, dict(type=str)),
+    ("--wandb-save-dir", None, dict(type=str)),
     ("--kd-teacher-load", None, dict(type=str, help="distil from this checkpoint's logits")),
     ("--kd-temperature", None, dict(type=float, help="softmax temperature of the KD loss; "
                                                     "default 1.0")),
@@ -144,6 +176,22 @@ _SECTIONS = {
     "optim": (OptimizerConfig, _OPTIM_FLAGS),
     "data": (DataConfig, _DATA_FLAGS),
     "training": (TrainingConfig, _TRAINING_FLAGS),
+}
+
+# Megatron flags with no setting of their own. What slimtron always does:
+SAME_BEHAVIOUR_FLAGS = {
+    "--use-mcore-models": "deprecated in Megatron; the Megatron-Core model is the only one",
+    "--no-create-attention-mask-in-dataloader": "attention masks are never built by the loader",
+    "--use-pytorch-profiler": "--profile always writes a torch profiler trace",
+}
+# What matters only to other hardware or kernels: accepted, and listed once at start-up.
+NO_EFFECT_FLAGS = {
+    "--attention-backend": dict(choices=["flash", "fused", "unfused", "local", "auto"]),
+    "--cross-entropy-loss-fusion": dict(action="store_true"),
+    "--overlap-param-gather": dict(action="store_true"),
+    "--fp8-amax-history-len": dict(type=int),
+    "--fp8-amax-compute-algo": dict(choices=["max", "most_recent"]),
+    "--fp8-param-gather": dict(action="store_true"),
 }
 
 # Model fields that ModelConfig derives from others when left None, with their derivation.
@@ -181,12 +229,25 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             if "action" not in options and "choices" not in options:
                 options["metavar"] = flag.lstrip("-").replace("-", "_").upper()
             group.add_argument(flag, dest=name, default=None, **options)
+    group = parser.add_argument_group("accepted for Megatron compatibility")
+    for flag, why in SAME_BEHAVIOUR_FLAGS.items():
+        group.add_argument(flag, action="store_true", default=None, help=why)
+    for flag, options in NO_EFFECT_FLAGS.items():
+        group.add_argument(flag, default=None, help="no effect on this device", **options)
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
-    """Parse Megatron-style flags (``sys.argv[1:]`` when ``argv`` is None) into a Config."""
-    return config_from_namespace(build_parser().parse_args(argv))
+    """Parse Megatron-style flags (``sys.argv[1:]`` when ``argv`` is None) into a Config.
+    A flag slimtron does not know (any Megatron flag it does not implement) is refused with one
+    line naming it, never dropped."""
+    ns, unknown = build_parser().parse_known_args(argv)
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+    if unknown:
+        raise ConfigError(f"unsupported flag{'s' if len(flags) > 1 else ''}: "
+                          f"{' '.join(flags or unknown)} (slimtron does not implement "
+                          f"{'them' if len(flags) > 1 else 'it'}; see `pretrain_gpt.py --help`)")
+    return config_from_namespace(ns)
 
 
 def config_from_namespace(ns: argparse.Namespace) -> Config:
@@ -199,6 +260,10 @@ def config_from_namespace(ns: argparse.Namespace) -> Config:
             continue
         names = [_dest(flag, dest) for flag, dest, _ in flags]
         sections[section] = cls(**{n: given[n] for n in names if n in given})
+    sections["training"].no_effect_flags = [flag for flag in NO_EFFECT_FLAGS
+                                            if _dest(flag, None) in given]
+    if "train_samples" in given and "train_iters" not in given:
+        sections["training"].train_iters = None  # derived from the samples by validation
     return Config(**sections)
 
 

@@ -89,6 +89,7 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     bucket_size: int = 40_000_000  # elements per gradient bucket
+    grad_reduce_in_bf16: bool = False  # bf16 gradient buffers (reduced in bf16), as Megatron
     distributed_backend: Optional[str] = None  # None: nccl with CUDA, gloo otherwise
     distributed_timeout_minutes: float = 10.0
 
@@ -124,6 +125,7 @@ class OptimizerConfig:
     lr_decay_samples: Optional[int] = None  # default train_samples
     decoupled_lr: Optional[float] = None  # max lr of the input embedding and output layer
     decoupled_min_lr: Optional[float] = None  # their min lr (default --min-lr)
+    fp8_format: Optional[str] = None  # refused: slimtron has no FP8 training
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -202,6 +204,7 @@ class TrainingConfig:
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None
+    no_effect_flags: list = field(default_factory=list)  # given, but only matter elsewhere
     kd_teacher_load: Optional[str] = None  # distil from this checkpoint (post_training.distillation)
     kd_temperature: Optional[float] = None  # default 1.0 with a teacher
     kd_alpha: Optional[float] = None  # weight of the KD term against the LM loss; default 1.0
@@ -239,6 +242,8 @@ class Config:
         check_warmup(o)
         check_decoupled_lr(o)
         check_lengths(m)
+        check_logging(t)
+        check_profile(t)
         check_post_training(d, t)
         check_checkpointing(t)
         if check_files:
@@ -316,6 +321,18 @@ def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None
 def check_precision(optim: OptimizerConfig) -> None:
     if optim.fp16 and optim.bf16:
         raise ConfigError("--fp16 and --bf16 are both set; choose one")
+    if optim.fp8_format is not None:
+        raise ConfigError(f"--fp8-format {optim.fp8_format}: {_fp8_support()}; train in "
+                          "--bf16 instead")
+
+
+def _fp8_support() -> str:
+    import torch
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        return (f"{torch.cuda.get_device_name()} has FP8, but slimtron has no FP8 training "
+                "(no Transformer Engine recipes)")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU"
+    return f"{device} has no FP8 support"
 
 
 def resolve_data_parallel(parallel: ParallelConfig, world_size: int) -> None:
@@ -483,6 +500,32 @@ def check_decoupled_lr(optim: OptimizerConfig) -> None:
         if not 0.0 <= low <= optim.decoupled_lr:
             raise ConfigError(f"need 0 <= --decoupled-min-lr ({low}) <= --decoupled-lr "
                               f"({optim.decoupled_lr})")
+
+
+def check_logging(training: TrainingConfig) -> None:
+    """--wandb-project (as Megatron: with --wandb-exp-name) needs the wandb package."""
+    if training.wandb_project is None:
+        if training.wandb_exp_name is not None or training.wandb_save_dir is not None:
+            raise ConfigError("--wandb-exp-name and --wandb-save-dir need --wandb-project")
+        return
+    if not training.wandb_exp_name:
+        raise ConfigError("--wandb-project needs --wandb-exp-name (the run's name), as in Megatron")
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb-project: the wandb package is not installed (pip install "
+                          "wandb); nothing could be logged to Weights & Biases")
+
+
+def check_profile(training: TrainingConfig) -> None:
+    if training.profile and not 0 <= training.profile_step_start < training.profile_step_end:
+        raise ConfigError(f"--profile needs 0 <= --profile-step-start "
+                          f"({training.profile_step_start}) < --profile-step-end "
+                          f"({training.profile_step_end})")
+    if training.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {training.manual_gc_interval}")
+    if training.exit_duration_in_mins is not None and training.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins must be positive, got "
+                          f"{training.exit_duration_in_mins}")
 
 
 def check_lengths(model: ModelConfig) -> None:

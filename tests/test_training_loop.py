@@ -24,7 +24,7 @@ def test_cli_run_logs_megatron_lines_validation_and_tensorboard(tmp_path):
         [sys.executable, "pretrain_gpt.py", "--preset", "tiny-llama", "--mock-data",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
          "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "2", "--eval-interval", "3",
-         "--eval-iters", "1", "--tensorboard-dir", str(tb)],
+         "--eval-iters", "1", "--tensorboard-dir", str(tb), "--log-throughput"],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [m for m in map(LINE.match, out.stdout.splitlines()) if m]
@@ -40,8 +40,8 @@ def test_cli_run_logs_megatron_lines_validation_and_tensorboard(tmp_path):
 def _train_with_nan_loss(rank, world, config):
     real = loop.make_forward_step
 
-    def poisoned(engine, loss_scale):
-        step = real(engine, loss_scale)
+    def poisoned(engine, loss_scale, *rest):
+        step = real(engine, loss_scale, *rest)
         return lambda chunk, batch, x: step(chunk, batch, x) * float("nan")
     loop.make_forward_step = poisoned
     engine = setup(config, world)

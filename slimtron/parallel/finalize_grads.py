@@ -56,9 +56,20 @@ def allreduce_embedding_grads(model_chunks, embedding_group) -> None:
     _all_reduce_coalesced(_grads_marked(model_chunks, "shared_embedding"), embedding_group)
 
 
-def finalize_model_grads(model_chunks, grads, *, tp_group, embedding_group) -> None:
+def finalize_model_grads(model_chunks, grads, *, tp_group, embedding_group,
+                         num_tokens: Optional[torch.Tensor] = None) -> None:
     """All three reductions of a step, in order; ``grads`` is the chunks' ``DataParallelGrads``
-    (it holds its own data-parallel group)."""
+    (it holds its own data-parallel group). With ``num_tokens`` (--calculate-per-token-loss: the
+    micro-batches returned loss sums) the averaged grads become per-token means of the global
+    batch: times the replicas averaged over, divided by the global token count (as Megatron)."""
     grads.finish_grad_sync()
     allreduce_sequence_parallel_grads(model_chunks, tp_group)
     allreduce_embedding_grads(model_chunks, embedding_group)
+    if num_tokens is not None:
+        scale_grads(grads, grads.dp_size / num_tokens.clamp(min=1))
+
+
+def scale_grads(grads, factor: torch.Tensor) -> None:
+    """Multiply every gradient buffer by ``factor`` (a 0-dim device tensor: no sync)."""
+    for buffer in grads.buffers:
+        buffer.grad_data.mul_(factor.to(buffer.grad_data.device))

@@ -27,7 +27,7 @@ class IterationLog:
     train_iters: int
     consumed_samples: int
     elapsed_ms: float
-    tflops_per_gpu: float
+    tflops_per_gpu: Optional[float]  # shown with --log-throughput, as Megatron
     learning_rate: float
     global_batch_size: int
     loss: float
@@ -45,7 +45,10 @@ class IterationLog:
             f" [{stamp}] iteration {self.iteration:8d}/{self.train_iters:8d}",
             f" consumed samples: {self.consumed_samples:12d}",
             f" elapsed time per iteration (ms): {self.elapsed_ms:.1f}",
-            f" throughput per GPU (TFLOP/s/GPU): {self.tflops_per_gpu:.1f}",
+        ]
+        if self.tflops_per_gpu is not None:
+            parts.append(f" throughput per GPU (TFLOP/s/GPU): {self.tflops_per_gpu:.1f}")
+        parts += [
             f" learning rate: {self.learning_rate:.6E}",
             f" global batch size: {self.global_batch_size:5d}",
             f" lm loss: {self.loss:.6E}",
@@ -62,7 +65,8 @@ class IterationLog:
     def scalars(self) -> dict:
         return {"lm loss": self.loss, "learning rate": self.learning_rate,
                 "grad norm": self.grad_norm, "loss scale": self.loss_scale,
-                "batch size": self.global_batch_size, "tokens per second": self.tokens_per_second}
+                "batch size": self.global_batch_size, "tokens per second": self.tokens_per_second,
+                "throughput": self.tflops_per_gpu}
 
 
 def validation_block(label: str, loss: float) -> tuple[str, dict]:
@@ -107,3 +111,46 @@ class TensorBoard:
                 if value is not None:
                     self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
+
+
+class Wandb:
+    """Scalars to Weights & Biases on the logging rank with --wandb-project (Megatron's flags:
+    run name --wandb-exp-name, files under --wandb-save-dir, default <--save>/wandb). Offline
+    runs (``WANDB_MODE=offline``) need no network."""
+
+    def __init__(self, config, pstate: ParallelState):
+        t = config.training
+        self.run = None
+        if t.wandb_project and is_logging_rank(pstate):
+            import os
+
+            import wandb
+            directory = t.wandb_save_dir or os.path.join(t.save or ".", "wandb")
+            os.makedirs(directory, exist_ok=True)
+            self.run = wandb.init(project=t.wandb_project, name=t.wandb_exp_name, dir=directory,
+                                  config=config.to_dict())
+
+    def scalars(self, iteration: int, values: dict):
+        if self.run is not None:
+            self.run.log({k: v for k, v in values.items() if v is not None}, step=iteration)
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class ScalarLog:
+    """Every scalar sink of the run (TensorBoard, W&B) behind one ``scalars`` call."""
+
+    def __init__(self, config, pstate: ParallelState):
+        self.sinks = [TensorBoard(config.training.tensorboard_dir, pstate), Wandb(config, pstate)]
+
+    def scalars(self, iteration: int, values: dict):
+        for sink in self.sinks:
+            sink.scalars(iteration, values)
+
+    def close(self):
+        for sink in self.sinks:
+            if hasattr(sink, "close"):
+                sink.close()

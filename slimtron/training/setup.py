@@ -14,10 +14,12 @@ from slimtron.arguments import validate
 from slimtron.config import Config, ConfigError
 from slimtron.model import build_model_chunks
 from slimtron.model.transformer import Recompute
-from slimtron.optim import build_optimizer
+from slimtron.optim import build_optimizer, build_scheduler
+from slimtron.optim.lr_schedule import OptimizerParamScheduler
 from slimtron.parallel.data_parallel import DataParallelGrads
 from slimtron.parallel.random import seed_default_generators
 from slimtron.parallel.state import ParallelState, init_distributed
+from slimtron.training.batch_schedule import BatchSchedule
 from slimtron.training.data import build_datasets
 from slimtron.training.metrics import log
 
@@ -31,6 +33,8 @@ class TrainState:
     skipped_iterations: int = 0
     nan_iterations: int = 0
     consecutive_nan_iterations: int = 0
+    last_saved_iteration: Optional[int] = None
+    exit_reason: Optional[str] = None  # why training stopped before --train-iters, if it did
 
 
 @dataclass
@@ -44,8 +48,9 @@ class Engine:
     datasets: tuple  # (train, valid, test), None where not needed
     state: TrainState
     params_dtype: torch.dtype
-    num_microbatches: int
+    num_microbatches: int  # of the current step (it follows the batch schedule)
     available: tuple = (False, False, False)  # which splits exist (same on every rank)
+    batch: Optional[BatchSchedule] = None  # global batch size by consumed samples
     async_saver: Optional[checkpointing.AsyncSaver] = None  # --async-save, made at first save
     teacher: Optional[torch.nn.Module] = None  # --kd-teacher-load, on the last pipeline stage
 
@@ -90,18 +95,20 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
         config.model, pstate, pstate.virtual_pp_size, sequence_parallel=p.sequence_parallel,
         params_dtype=params_dtype, seed=t.seed, device=device,
         recompute=Recompute.from_training_config(t), initialize=not weights_from_checkpoint)
-    num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp.size)
+    batch = BatchSchedule.from_config(t, pstate.dp.size, config.model.seq_length)
+    num_micro = batch.num_microbatches(0)
     grads = optimizer = None
     if training:
+        grad_dtype = torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32
         grads = DataParallelGrads(model_chunks, pstate, p.bucket_size, p.overlap_grad_reduce,
-                                  p.use_distributed_optimizer)
+                                  p.use_distributed_optimizer, grad_dtype=grad_dtype)
         optimizer = build_optimizer(model_chunks, config.optim, p, pstate, grads,
-                                    train_iters=t.train_iters)
+                                    scheduler=build_lr_scheduler(config, batch))
         # The pipeline interleaves micro-batches, so "last micro-batch" is per parameter: a
         # bucket's reduction starts once each of its parameters has had all its gradients.
         grads.set_microbatches_per_step(num_micro)
     engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
-                    params_dtype, num_micro)
+                    params_dtype, num_micro, batch=batch)
     if training and t.kd_teacher_load:
         from slimtron.post_training.distillation import load_teacher
         engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,
@@ -112,10 +119,29 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
                     f"{t.kd_temperature}; validation reports the LM loss")
     if t.load:
         load(engine)
-    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate)
+    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate,
+                                                       batch.samples_after(t.train_iters))
     if training and not engine.available[0] and not t.eval_only:
         raise ConfigError(f"--split {config.data.split} leaves no training data")
     return engine
+
+
+def build_lr_scheduler(config: Config, batch: BatchSchedule) -> OptimizerParamScheduler:
+    """Megatron's schedule lengths. Sample-based training, or a batch size that changes, counts
+    samples (each update advances it by its batch); otherwise it counts updates, which for a
+    constant batch is the same curve (Megatron's iteration-based lengths are iterations x batch)."""
+    o, t = config.optim, config.training
+    if t.train_samples is None and not batch.varies:
+        return build_scheduler(o, t.train_iters)
+    if t.train_samples is not None:
+        decay = o.lr_decay_samples if o.lr_decay_samples is not None else t.train_samples
+        warmup = o.lr_warmup_samples
+    else:
+        decay = (o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters) * batch.final
+        warmup = o.lr_warmup_iters * batch.final
+    if o.lr_warmup_fraction is not None:
+        warmup = o.lr_warmup_fraction * decay
+    return OptimizerParamScheduler(o.lr, o.min_lr, warmup, decay, o.lr_decay_style, unit="samples")
 
 
 def load(engine: Engine):
@@ -143,6 +169,7 @@ def save(engine: Engine):
     kw = dict(extra={"skipped_iterations": s.skipped_iterations,
                      "nan_iterations": s.nan_iterations},
               rng_tracker=engine.model_chunks[0].rng_tracker)
+    s.last_saved_iteration = s.iteration
     if t.async_save:
         if engine.async_saver is None:
             engine.async_saver = checkpointing.AsyncSaver()

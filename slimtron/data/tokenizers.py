@@ -156,7 +156,6 @@ class GPT2BPETokenizer(Tokenizer):
         _require_file("--vocab-file", vocab_file, "GPT-2 vocabulary (vocab.json)")
         _require_file("--merge-file", merge_file, "GPT-2 merges (merges.txt)")
         self.vocab_file, self.merge_file = vocab_file, merge_file
-        self.model_file = vocab_file
         vocab = _load(vocab_file, "GPT-2 vocabulary (vocab.json)", lambda: _read_vocab(vocab_file))
         merges = _load(merge_file, "GPT-2 merges file (merges.txt)", lambda: _read_merges(merge_file))
         core = _load(vocab_file, "GPT-2 vocabulary/merges pair", lambda: CoreTokenizer(
@@ -261,7 +260,6 @@ class NullTokenizer(Tokenizer):
             raise ConfigError(f"--tokenizer-type NullTokenizer needs --vocab-size (a positive "
                               f"number), got {vocab_size}")
         self._vocab_size = int(vocab_size)
-        self.model_file = None
 
     @property
     def vocab_size(self) -> int:
@@ -321,7 +319,6 @@ class TikTokenizer(Tokenizer):
         if not len(TIKTOKEN_SPECIAL_TOKENS) <= num_special_tokens < vocab_size:
             raise ConfigError(f"--vocab-size {vocab_size} must exceed the {num_special_tokens} "
                               "tiktoken special tokens")
-        self.model_file = vocab_file
         ranks = _load(vocab_file, "tiktoken vocabulary (JSON list of ranks)",
                       lambda: _read_tiktoken(vocab_file, vocab_size - num_special_tokens,
                                              num_special_tokens))
@@ -420,13 +417,12 @@ def build_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str
 def tokenizer_from_data_config(data, vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
     """The tokenizer a ``DataConfig`` names (None when it names none); ``vocab_size`` is
     ``--vocab-size``, read by NullTokenizer and TikTokenizer."""
-    kind = resolve_tokenizer_type(data.tokenizer_type, getattr(data, "vocab_file", None),
-                                  getattr(data, "merge_file", None))
+    kind = resolve_tokenizer_type(data.tokenizer_type, data.vocab_file, data.merge_file)
     if kind is None:
         return None
-    return build_tokenizer(kind, data.tokenizer_model, vocab_file=getattr(data, "vocab_file", None),
-                           merge_file=getattr(data, "merge_file", None), vocab_size=vocab_size,
-                           tiktoken_pattern=getattr(data, "tiktoken_pattern", None))
+    return build_tokenizer(kind, data.tokenizer_model, vocab_file=data.vocab_file,
+                           merge_file=data.merge_file, vocab_size=vocab_size,
+                           tiktoken_pattern=data.tiktoken_pattern)
 
 
 def build_model_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str],

@@ -216,7 +216,7 @@ class UnevenLossMask:
         return sample
 
 
-def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False, per_token=False):
+def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False, per_token=False, overlap=False):
     from slimtron.config import (Config, DataConfig, OptimizerConfig, ParallelConfig,
                                  TrainingConfig)
     model = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -228,7 +228,8 @@ def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False, per_token=False):
         model=model,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 context_parallel_size=cp, sequence_parallel=sp,
-                                use_distributed_optimizer=dist_opt, bucket_size=2000),
+                                use_distributed_optimizer=dist_opt, bucket_size=2000,
+                                overlap_grad_reduce=overlap),
         optim=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, clip_grad=0.5,
                               weight_decay=0.1),
         data=DataConfig(mock_data=True),
@@ -255,7 +256,7 @@ def _train_cp_layout(rank, world, config):
 CP_LAYOUTS = {  # name: (world, config kwargs)
     "cp2": (2, dict(cp=2)),
     "tp2-cp2-sp": (4, dict(tp=2, cp=2, sp=True)),
-    "cp2-pp2-dp2-distopt": (8, dict(cp=2, pp=2, dist_opt=True)),
+    "cp2-pp2-dp2-distopt-overlap": (8, dict(cp=2, pp=2, dist_opt=True, overlap=True)),
 }
 
 

@@ -94,8 +94,10 @@ def build_rank(config: Config, device: torch.device = META) -> Engine:
                                 sequence_parallel=p.sequence_parallel, params_dtype=params_dtype,
                                 seed=t.seed, device=device,
                                 recompute=Recompute.from_training_config(t))
+    # (The same steps as slimtron.training.setup.setup, which also needs a device and data.)
     grads = DataParallelGrads(chunks, pstate, p.bucket_size, p.overlap_grad_reduce,
-                              p.use_distributed_optimizer)
+                              p.use_distributed_optimizer,
+                              grad_dtype=torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32)
     optimizer = build_optimizer(chunks, config.optim, p, pstate, grads, train_iters=t.train_iters)
     num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp.size)
     grads.set_microbatches_per_step(num_micro)

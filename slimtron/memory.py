@@ -191,7 +191,9 @@ def layer_activation_bytes(model, spec: ActivationSpec) -> float:
     linear_inputs = 2 * spec.local_tokens * h * e  # QKV and fc1 (under SP: the local slice)
     dropout_masks = 0.0
     if spec.training and model.hidden_dropout > 0:
-        dropout_masks = 2 * spec.local_tokens * h  # one bool per element, after attention and MLP
+        # After attention and after the MLP: torch's dropout keeps its mask in the input's dtype
+        # (CPU, meta); CUDA's fused kernel keeps a bool mask, 1 byte, so this overstates it there.
+        dropout_masks = 2 * spec.local_tokens * h * e
     return (norms + linear_inputs + attention_core_bytes(model, spec) + mlp_bytes(model, spec)
             + dropout_masks)
 
@@ -234,7 +236,7 @@ def embedding_bytes(model, spec: ActivationSpec) -> float:
     if model.position_embedding_type == "learned_absolute":
         ids += 8.0 * spec.tokens
     if spec.training and model.hidden_dropout > 0:
-        ids += spec.local_tokens * model.hidden_size
+        ids += spec.local_tokens * model.hidden_size * spec.element_size  # its mask, as above
     return ids
 
 
@@ -331,14 +333,16 @@ class StateSpec:
     low_precision: bool = True
     distributed_optimizer: bool = False
     dp: int = 1
+    grad_bytes: int = 4  # 2 with --grad-reduce-in-bf16
 
 
 def state_bytes(num_params: int, spec: StateSpec) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes of ``num_params`` parameters on one rank:
-    16-bit weights, fp32 grad buffers, fp32 main weights and Adam moments (2 + 4 + 12); fp32
-    training updates the weights themselves (4 + 4 + 8). The distributed optimizer shards the
-    optimizer's part over dp."""
-    weight, grad, optimizer = (2.0, 4.0, 12.0) if spec.low_precision else (4.0, 4.0, 8.0)
+    16-bit weights, fp32 grad buffers (bf16 with --grad-reduce-in-bf16), fp32 main weights and
+    Adam moments (2 + 4 + 12); fp32 training updates the weights themselves (4 + 4 + 8). The
+    distributed optimizer shards the optimizer's part over dp."""
+    weight, optimizer = (2.0, 12.0) if spec.low_precision else (4.0, 8.0)
+    grad = float(spec.grad_bytes)
     if spec.distributed_optimizer:
         optimizer /= spec.dp
     return num_params * weight, num_params * grad, num_params * optimizer
@@ -452,7 +456,8 @@ def state_spec(config) -> StateSpec:
     p = config.parallel
     return StateSpec(low_precision=config.optim.bf16 or config.optim.fp16,
                      distributed_optimizer=p.use_distributed_optimizer,
-                     dp=(p.data_parallel_size or 1) * p.cp)
+                     dp=(p.data_parallel_size or 1) * p.cp,
+                     grad_bytes=2 if p.grad_reduce_in_bf16 else 4)
 
 
 def plan_stage(config, stage: int, num_microbatches: int) -> StageMemory:

@@ -237,3 +237,19 @@ def test_dry_run_refuses_an_impossible_layout_in_one_line():
     assert run.stderr.strip().splitlines() == [
         "error: world size 512 is not divisible by --tensor-model-parallel-size 3 x "
         "--pipeline-model-parallel-size 1 = 3"]
+
+
+def test_gpt2_family_dry_run_equals_the_closed_form():
+    """LayerNorm, learned positions, GeLU, biases, tied embeddings over two stages, dropout (its
+    masks; attention counted as the fused kernel, which needs none)."""
+    from slimtron.arguments import parse_args, validate
+
+    argv = ["--preset", "gpt2-124m", "--bf16", "--micro-batch-size", "2", "--global-batch-size",
+            "16", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--sequence-parallel"]
+    config = validate(parse_args(argv), 8, check_files=False)
+    for built in dry_run(parse_args(argv), 8):
+        planned = memory.plan_stage(config, built.stage, memory.num_microbatches(config))
+        assert built.parameters == planned.parameters
+        assert built.activations == pytest.approx(planned.activations, rel=1e-6)
+        assert built.peak == pytest.approx(planned.peak, rel=1e-3)

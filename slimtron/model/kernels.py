@@ -82,7 +82,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     elif per_group > 1:
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
-    if q.device.type == "meta" and dropout_p == 0.0:
+    if q.device.type == "meta":
         # The dry run (slimtron.dry_run): on meta SDPA would trace the math kernel and its s x s
         # scores; count what the fused kernel a GPU runs keeps (q, k, v, output, logsumexp, and
         # a boolean mask turned into an additive one in q's dtype, as SDPA does).
@@ -90,7 +90,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~attn_mask, float("-inf"))
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=attn_mask)[0]
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask)[0]
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, **gqa)

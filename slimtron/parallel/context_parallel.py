@@ -24,7 +24,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-_KV_TAG, _SEGMENT_TAG, _GRAD_TAG = 0, 1, 2
+# Each kind of transfer has its own tag, so that a message is never matched with another's buffer
+# (the K/V of the next step and the grads of the last can be in flight together).
+_KV_TAGS, _GRAD_TAGS = (0, 1), (2,)  # (K/V, segment ids), (dK/dV)
 
 
 # ---- load-balanced sharding (pure functions) ---------------------------------------------------
@@ -77,11 +79,12 @@ def shard_batch(batch: dict, cp_size: int, cp_rank: int) -> dict:
 
 class _RingTransfer:
     """Send tensors to the next cp rank and receive same-shaped ones from the previous, posted as
-    one batch at construction; ``wait()`` returns the received tensors (``None`` passes through).
+    one batch at construction, tensor i with tag ``tags[i]``; ``wait()`` returns the received
+    tensors (``None`` passes through).
     With one cp rank the ring is this rank alone and the tensors come straight back; so do meta
     tensors (the dry run), which carry no data and have the shapes the ring would deliver."""
 
-    def __init__(self, cp, tensors: Sequence[Optional[torch.Tensor]], tag: int):
+    def __init__(self, cp, tensors: Sequence[Optional[torch.Tensor]], tags: Sequence[int]):
         self.requests = []
         if cp.size == 1 or tensors[0].device.type == "meta":
             self.received = list(tensors)
@@ -89,14 +92,13 @@ class _RingTransfer:
         next_rank = cp.ranks[(cp.rank + 1) % cp.size]
         prev_rank = cp.ranks[(cp.rank - 1) % cp.size]
         ops, self.received = [], []
-        for i, tensor in enumerate(tensors):
+        for tensor, tag in zip(tensors, tags):
             if tensor is None:
                 self.received.append(None)
                 continue
             buffer = torch.empty_like(tensor)
-            # Each tensor has its own tag so that a transfer never matches another's buffer.
-            ops.append(dist.P2POp(dist.isend, tensor.contiguous(), next_rank, cp.group, tag=tag + 3 * i))
-            ops.append(dist.P2POp(dist.irecv, buffer, prev_rank, cp.group, tag=tag + 3 * i))
+            ops.append(dist.P2POp(dist.isend, tensor.contiguous(), next_rank, cp.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buffer, prev_rank, cp.group, tag=tag))
             self.received.append(buffer)
         self.requests = dist.batch_isend_irecv(ops)
 
@@ -202,7 +204,7 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(qh.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         k_segments = segment_ids
         for step in range(cp.size):
-            transfer = (_RingTransfer(cp, [kv, k_segments], _KV_TAG) if step < cp.size - 1
+            transfer = (_RingTransfer(cp, [kv, k_segments], _KV_TAGS) if step < cp.size - 1
                         else None)
             source = (cp.rank - step) % cp.size
             for qs, ks, mask in _visible_pairs(cp, source, n, segment_ids, k_segments, q.device):
@@ -230,7 +232,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).permute(0, 2, 3, 1, 4).contiguous()
         k_segments, grads_in_flight = segment_ids, None
         for step in range(cp.size):
-            transfer = (_RingTransfer(cp, [kv, k_segments], _KV_TAG) if step < cp.size - 1
+            transfer = (_RingTransfer(cp, [kv, k_segments], _KV_TAGS) if step < cp.size - 1
                         else None)
             source = (cp.rank - step) % cp.size
             # The grads of the visiting block, accumulated by the ranks it has visited so far.
@@ -243,7 +245,7 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, :, :, qs] += dq_block
                 dkv[0][:, :, ks] += dk_block
                 dkv[1][:, :, ks] += dv_block
-            grads_in_flight = _RingTransfer(cp, [dkv], _GRAD_TAG)
+            grads_in_flight = _RingTransfer(cp, [dkv], _GRAD_TAGS)
             if transfer is not None:
                 kv, k_segments = transfer.wait()
         dkv = grads_in_flight.wait()[0]  # after the last step, this rank's own block is home

@@ -141,5 +141,5 @@ def test_llama3_8b_fp8_script_runs_in_bf16_and_resumes(tmp_path):
     assert sorted(after) == [3, 4], resumed.stdout[-3000:]
     for it in (3, 4):
         assert after[it] == pytest.approx(uninterrupted[it], rel=1e-5)
-    traces = list((tmp_path / "a").rglob("*.json")) + list((tmp_path / "a").rglob("*.pt.trace*"))
+    traces = [p for p in (tmp_path / "a").rglob("*") if ".json" in p.name and "ckpt" not in str(p)]
     assert traces, "--profile wrote no torch profiler trace"

@@ -18,7 +18,7 @@ Usage: python bench/memory.py [--layers 4] [--hidden 256] [--sizes 1,2,4]
 
 ``--layouts``: the peak per rank predicted by the dry run (``slimtron.dry_run``, the real model on
 the meta device) and by the closed form (``slimtron.memory.plan_stage``, what model_summary and
-plan_layout use) next to the peak measured in one real bf16 step of tests/test_memory.py's six
+plan_layout use) next to the peak measured in one real bf16 step of tests/test_memory.py's seven
 layouts on 4 gloo ranks (weights, grads and optimizer state from the tensors, activations from
 saved-tensor accounting).
 """

@@ -11,28 +11,30 @@ ranks); fp32 training keeps 4 + 4 + 8 (8/d).
 
 Activations: ``layer_activation_bytes`` is the closed form of what autograd saves per transformer
 layer of *this* model (pre-norm, RMSNorm or LayerNorm, SwiGLU or GeLU, grouped-query attention,
-rotary embedding, SDPA with a flash or memory-efficient kernel, no dropout), derived op by op:
+rotary embedding, attention by a fused SDPA / flash kernel), derived op by op:
 
-    per layer, micro-batch b, sequence s, hidden h, ffn f, query heads a with head dim d
-    (q = a d), key/value groups g (k = v = g d), tensor-parallel size t, element size e (2 for
-    16-bit, 4 for fp32), u = s b / t under sequence parallelism and s b otherwise:
+    per layer, micro-batch b, sequence s, hidden h, ffn f, query heads a with head dim d, key/value
+    groups g, tensor-parallel size t, element size e (2 for 16-bit, 4 for fp32), u = s b / t
+    under sequence parallelism and s b otherwise:
 
-    input norm       layer input x (u h e) + its 1/rms (fp32, 4 u)
-    QKV linear       norm output: u h e (SP: only the local slice, gathered again in backward;
-                     no SP: the replicated s b h)
-    rotary           q, k in fp32 before rotation: 4 s b (q + k) / t
-    attention core   rotated q, k and v, the output, logsumexp: s b (2q + 2k) e / t + 4 s b a / t
-    proj linear      the attention output is the saved SDPA output (nothing new)
-    residual         nothing
-    pre-MLP norm     its input (u h e) + 1/rms (4 u)
-    fc1 linear       norm output: u h e (as QKV)
-    SwiGLU           fc1's output (gate and up, 2 s b f e / t); silu(gate) is recomputed
-    fc2 linear       silu(gate) * up: s b f e / t
+    input norm       its input (u h e) and fp32 statistics (RMSNorm 1/rms: 4 u; LayerNorm: 8 u)
+    QKV linear       its input, the norm's output: u h e (under SP only the local slice; it is
+                     gathered again in backward)
+    attention core   the fused QKV output s b (a + 2g) d e / t (v is a view of it), the rotated
+                     q and k (RoPE makes copies: s b (a + g) d e / t), the output s b a d e / t
+                     (the projection's input is a view of it) and the fp32 logsumexp 4 s b a / t;
+                     no s x s scores; with document masking the additive mask b s^2 e
+    pre-MLP norm     as the input norm
+    fc1 linear       as QKV
+    SwiGLU           fc1's output 2 s b f e / t (silu(gate) is recomputed); GeLU: s b f e / t
+    fc2 linear       silu(gate) * up (or the GeLU): s b f e / t
+    dropout          with hidden dropout, two masks u h e
 
-A flash kernel keeps no s x s scores; the math kernel (``attention="math"``) keeps the softmax
-(s^2 a b e / t, plus its dropout mask when dropout is on). Selective recomputation keeps only the
-attention core's inputs (q, k, v, already counted by rotary when there is RoPE).
-Full recomputation keeps each layer's input (u h e), plus one layer's working set at a time.
+The RoPE cos/sin tables (8 s b d) are shared by a chunk's layers; the first chunk keeps the token
+ids, the last the final norm, the output layer's input, the fp32 softmax of the vocab-parallel
+cross entropy and the loss mask. Selective recomputation keeps the attention core's inputs and
+output, so with a flash kernel it only drops the logsumexp. Full recomputation keeps each
+checkpoint's input (u h e) and rebuilds one checkpointed group at a time in backward.
 
 The paper's (Korthikanti et al. 2022) forms, for GPT with 4h MLP, dropout and s x s scores, in
 16-bit: sbh(34 + 5as/h) with no parallelism; sbh(10 + 24/t + 5as/(ht)) with TP; /t with TP+SP;
@@ -42,13 +44,10 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-FP32 = 4
-
 
 # ---- measuring: saved-tensor accounting ------------------------------------------------------
 

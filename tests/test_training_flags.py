@@ -1,9 +1,23 @@
 """Issue 12's training-side Megatron flags, each doing what it does in Megatron."""
+import gzip
+import json
+import math
+import os
+import pickle
+import re
+import signal
+
 import numpy as np
 import pytest
 
 from slimtron.config import ConfigError
 from slimtron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from slimtron.training.batch_schedule import BatchSchedule, parse_count, parse_step_schedule
+from tests.distributed import run_distributed
+from tests.launch_utils import (LOADED_LINE, TINY_ARGS, Job, losses_by_iteration, run_job,
+                                torchrun_single_node)
+from tests.test_context_parallel import UnevenLossMask
+from tests.test_training_parity import assert_close_params, full_params, tiny_config
 
 
 # ---- --no-mmap-bin-files ---------------------------------------------------------------------
@@ -22,13 +36,10 @@ def test_no_mmap_reads_the_same_tokens(tmp_path):
         assert np.array_equal(read[i], tokens) and np.array_equal(read[i], mapped[i])
         if len(tokens) > 4:
             assert np.array_equal(read.get(i, 1, 3), tokens[1:4])
-    import pickle
     assert pickle.loads(pickle.dumps(read)).mmap is False
 
 
 # ---- batch-size schedules (pure) ---------------------------------------------------------------
-
-from slimtron.training.batch_schedule import BatchSchedule, parse_count, parse_step_schedule  # noqa: E402
 
 
 def test_step_schedule_thresholds_are_tokens_with_suffixes():
@@ -75,13 +86,6 @@ def test_train_samples_to_iterations_as_megatron():
 
 # ---- through the real training step: per-token loss, ramp-up, decoupled lr --------------------
 
-import math  # noqa: E402
-
-import torch  # noqa: E402
-
-from tests.distributed import run_distributed  # noqa: E402
-from tests.test_context_parallel import UnevenLossMask  # noqa: E402
-from tests.test_training_parity import assert_close_params, full_params, tiny_config  # noqa: E402
 
 LR = 3e-3
 
@@ -181,3 +185,115 @@ def test_decoupled_lr_drives_the_embedding_and_output_layer_only(single_runs, dp
         expected = 5 * LR if name in ("embedding.word_embeddings.weight",
                                       "output_layer.weight") else LR
         assert step == pytest.approx(expected, rel=1e-3), name
+
+
+# ---- the program: SIGTERM, profiler, start-up report, refusals ---------------------------------
+
+
+DP2 = [*TINY_ARGS, "--global-batch-size", "4", "--train-iters", "8"]
+GUARD_S = 300  # a hang guard only
+
+
+def test_sigterm_saves_and_exits_zero_and_the_rerun_resumes_exactly(tmp_path):
+    # The uninterrupted run, which also profiles steps [2, 4) and reports flags without effect.
+    tb = tmp_path / "tb"
+    reference = [*DP2, "--profile", "--profile-step-start", "2", "--profile-step-end", "4",
+                 "--tensorboard-dir", str(tb), "--attention-backend", "flash",
+                 "--use-mcore-models", "--log-throughput"]
+    code, output = run_job(torchrun_single_node(2, reference), GUARD_S)
+    assert code == 0, output[-3000:]
+    expected = losses_by_iteration(output)
+    assert sorted(expected) == list(range(1, 9))
+    assert output.count("no effect on this device: --attention-backend\n") == 1
+    assert "throughput per GPU (TFLOP/s/GPU)" in output
+    trace = json.load(gzip.open(tmp_path / "torch_profile" / "rank-0.json.gz"))
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep")}
+    assert len(steps) == 2, steps  # --profile-step-end - --profile-step-start steps recorded
+    assert not (tmp_path / "torch_profile" / "rank-1.json.gz").exists()  # --profile-ranks 0
+
+    # SIGTERM to one rank: every rank finishes the step, they save together, exit code 0.
+    ckpt = str(tmp_path / "ckpt")
+    with Job(torchrun_single_node(2, [*DP2, "--exit-signal-handler", "--save", ckpt,
+                                      "--save-interval", "100"])) as job:
+        job.wait_for(r"\] iteration +3/", GUARD_S)
+        os.kill(job.workers()[1], signal.SIGTERM)
+        code = job.wait(GUARD_S)
+        stopped = job.output
+    assert code == 0, stopped[-3000:]
+    exited = re.search(r"exiting at iteration (\d+): received SIGTERM", stopped)
+    assert exited, stopped[-3000:]
+    last = int(exited.group(1))
+    assert 3 <= last < 8 and f"saved checkpoint at iteration {last:7d}" in stopped
+    assert "validation loss" not in stopped.split("received SIGTERM")[1]  # no test evaluation
+
+    code, resumed = run_job(torchrun_single_node(2, [*DP2, "--load", ckpt]), GUARD_S)
+    assert code == 0, resumed[-3000:]
+    assert LOADED_LINE.search(resumed).groups() == (ckpt, str(last))
+    after = losses_by_iteration(resumed)
+    assert sorted(after) == list(range(last + 1, 9))
+    assert all(after[i] == expected[i] for i in after), (after, expected)
+
+
+def test_exit_duration_and_manual_gc_decisions():
+    import gc
+
+    from slimtron.config import Config
+    from slimtron.parallel.state import ParallelState
+    from slimtron.training.run_control import RunControl
+    config = Config()
+    config.training.exit_duration_in_mins = 1e-6
+    config.training.manual_gc = True
+    control = RunControl(config, ParallelState.single())
+    try:
+        assert not gc.isenabled()  # collections only where the loop asks for them
+        assert "--exit-duration-in-mins" in control.exit_reason()
+    finally:
+        control.close()
+    assert gc.isenabled()
+    config.training.exit_duration_in_mins, config.training.manual_gc = 60.0, False
+    control = RunControl(config, ParallelState.single())
+    assert control.exit_reason() is None
+    control.close()
+
+
+def test_megatron_flags_accepted_reported_or_refused():
+    from slimtron.arguments import parse_args
+    base = ["--preset", "tiny-llama", "--mock-data"]
+    cfg = parse_args([*base, "--use-mcore-models", "--no-create-attention-mask-in-dataloader",
+                      "--cross-entropy-loss-fusion", "--overlap-param-gather",
+                      "--attention-backend", "fused", "--split", "'99,1,0'"])
+    assert cfg.training.no_effect_flags == ["--attention-backend", "--cross-entropy-loss-fusion",
+                                            "--overlap-param-gather"]
+    from slimtron.data.gpt_dataset import parse_split
+    assert parse_split(cfg.data.split) == pytest.approx([0.99, 0.01, 0.0])
+    with pytest.raises(ConfigError, match=r"^unsupported flags: --moe-router-topk --foo "):
+        parse_args([*base, "--moe-router-topk", "2", "--foo=1"])
+    with pytest.raises(ConfigError, match="--fp8-format hybrid: .* train in --bf16 instead"):
+        parse_args([*base, "--fp8-format", "hybrid"]).validate(1, check_files=False)
+    for extra, message in [
+        (["--train-samples", "100", "--train-iters", "5"], "--train-iters and --train-samples"),
+        (["--lr-decay-samples", "10"], "--lr-decay-samples needs sample-based training"),
+        (["--rampup-batch-size", "2", "2", "8"], "--rampup-batch-size needs sample-based"),
+        (["--train-samples", "100", "--lr-warmup-iters", "2"], "--lr-warmup-iters is iteration"),
+        (["--step-batch-size-schedule", "0:2 1K:4", "--global-batch-size", "8"],
+         "differs from the last batch size 4"),
+        (["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr needs --decoupled-lr"),
+        (["--wandb-exp-name", "x"], "need --wandb-project"),
+        (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"], "--profile needs"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_args([*base, *extra]).validate(2, check_files=False)
+    # Megatron's GPT-3 example passes --global-batch-size equal to the schedule's last batch.
+    gpt3 = parse_args([*base, "--step-batch-size-schedule", "0:2 1K:4", "--global-batch-size",
+                       "4", "--seq-length", "64"]).validate(2, check_files=False)
+    assert gpt3.training.global_batch_size == 4
+
+
+def test_wandb_missing_is_one_line():
+    from slimtron.arguments import parse_args
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"--wandb-project: the wandb package is not installed"):
+        parse_args(["--mock-data", "--wandb-project", "p", "--wandb-exp-name", "e"]).validate(
+            1, check_files=False)

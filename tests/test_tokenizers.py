@@ -166,3 +166,16 @@ def test_bundled_tokenizer_is_trained_on_the_corpus():
     assert len(text) / len(ids) > 3.5  # common words are single pieces, not bytes
     assert tok.tokenize("\n") != [tok.pad]  # newline falls back to its byte token
     assert tok.detokenize(tok.tokenize("\n")) == "\n"
+
+
+@pytest.mark.parametrize("vocab,tp,divisible,padded", [(8000, 1, 128, 8064), (1001, 2, 128, 1024),
+                                                      (50257, 8, 128, 51200),
+                                                      (128256, 1, 128, 128256),
+                                                      (32000, 4, 64, 32000)])
+def test_padded_vocabulary_is_megatrons(vocab, tp, divisible, padded):
+    """Megatron-LM's vocab_size_with_padding (megatron/core/tokenizers/utils/build_tokenizer.py):
+    the tokenizer's size rounded up to a multiple of make_vocab_size_divisible_by x tp."""
+    from slimtron.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=divisible)
+    assert cfg.padded_vocab_size(tp) == padded

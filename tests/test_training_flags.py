@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 
 from slimtron.config import ConfigError
 from slimtron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
@@ -103,8 +104,9 @@ def flags_config(name: str, dist_opt: bool = False):
         t.micro_batch_size, t.global_batch_size = 1, 4
         t.train_iters, t.train_samples, t.rampup_batch_size = None, 20, [2, 2, 8]
         o.lr_warmup_iters, o.lr_warmup_samples, o.lr_decay_style = 0, 4, "cosine"
-    elif name == "decoupled":
+    elif name in ("decoupled", "decoupled-bf16-grads"):
         o.decoupled_lr, o.decoupled_min_lr = 2 * LR, 1e-4
+        config.parallel.grad_reduce_in_bf16 = name == "decoupled-bf16-grads"
     elif name == "decoupled-one-step":  # Adam's first update moves each element by exactly lr
         t.train_iters = 1
         o.lr_warmup_iters, o.lr_decay_style, o.weight_decay, o.clip_grad = 0, "constant", 0.0, 0.0
@@ -133,7 +135,8 @@ def _train_each(rank, world, names, dist_opt):
         moved = {name: (p.detach() - before[name]).abs().max().item()
                  for name, p in ((p.global_name, p) for c in engine.model_chunks
                                  for p in c.parameters())}
-        out[name] = (engine.pstate.tp.rank, steps, shards, moved)
+        grad_dtypes = {buffer.grad_data.dtype for buffer in engine.grads.buffers}
+        out[name] = (engine.pstate.tp.rank, steps, shards, moved, grad_dtypes)
     return out
 
 
@@ -145,7 +148,8 @@ def single_runs():
 
 @pytest.fixture(scope="module")
 def dp2_runs():
-    return run_distributed(_train_each, 2, ["per-token", "rampup", "decoupled"], True, timeout=900)
+    names = ["per-token", "rampup", "decoupled", "decoupled-bf16-grads"]
+    return run_distributed(_train_each, 2, names, True, timeout=900)
 
 
 def _same_training(results, reference):
@@ -297,3 +301,12 @@ def test_wandb_missing_is_one_line():
     with pytest.raises(ConfigError, match=r"--wandb-project: the wandb package is not installed"):
         parse_args(["--mock-data", "--wandb-project", "p", "--wandb-exp-name", "e"]).validate(
             1, check_files=False)
+
+
+def test_grad_reduce_in_bf16_reduces_bf16_buffers(single_runs, dp2_runs):
+    fp32, bf16 = single_runs["decoupled"], dp2_runs[0]["decoupled-bf16-grads"]
+    assert fp32[4] == {torch.float32} and bf16[4] == {torch.bfloat16}
+    # The same first loss (before any update); then bf16-rounded gradients, close but not equal.
+    losses, ref = [step[0] for step in bf16[1]], [step[0] for step in fp32[1]]
+    assert losses[0] == pytest.approx(ref[0], rel=1e-6)
+    assert losses == pytest.approx(ref, rel=1e-2) and losses != pytest.approx(ref, rel=1e-7)

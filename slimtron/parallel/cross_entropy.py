@@ -72,33 +72,27 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
 
 # ---- distillation: KL(teacher || student) over vocab-parallel logits ---------------------------
 
-def _log_softmax_parts(scaled: torch.Tensor, group):
-    """(shifted logits, log of the sum of exponentials), both reduced over the TP group; padding
-    columns must already be -inf."""
-    logits_max = comm.all_reduce(scaled.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
-    shifted = scaled - logits_max.unsqueeze(-1)
-    log_sum_exp = torch.log(comm.all_reduce(shifted.exp().sum(dim=-1), group))
-    return shifted, log_sum_exp
+def _log_sum_exp(x: torch.Tensor, group) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dimension of every rank's columns (width 0 allowed)."""
+    local = torch.logsumexp(x, dim=-1)
+    if comm.group_size(group) == 1:
+        return local
+    top = comm.all_reduce(local.clone(), group, op=dist.ReduceOp.MAX)
+    return top + torch.log(comm.all_reduce((local - top).exp(), group))
 
 
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, vocab_size, temperature, group):
-        ctx.input_dtype = student.dtype
-        per_rank = student.shape[-1]
-        vocab_start = comm.group_rank(group) * per_rank
-        s = student.to(torch.float32, copy=True).div_(temperature)
-        t = teacher.to(torch.float32, copy=True).div_(temperature)
-        _mask_padding(s, vocab_start, vocab_size)
-        _mask_padding(t, vocab_start, vocab_size)
-        s_shifted, s_lse = _log_softmax_parts(s, group)
-        t_shifted, t_lse = _log_softmax_parts(t, group)
-        log_p_s = s_shifted - s_lse.unsqueeze(-1)
-        log_p_t = t_shifted - t_lse.unsqueeze(-1)
+        ctx.input_dtype, ctx.padded = student.dtype, student.shape[-1]
+        vocab_start = comm.group_rank(group) * student.shape[-1]
+        real = max(0, min(student.shape[-1], vocab_size - vocab_start))  # padding never enters
+        log_p_s = student[..., :real].float() / temperature
+        log_p_t = teacher[..., :real].float() / temperature
+        log_p_s.sub_(_log_sum_exp(log_p_s, group).unsqueeze(-1))
+        log_p_t.sub_(_log_sum_exp(log_p_t, group).unsqueeze(-1))
         p_t = log_p_t.exp()
-        valid = torch.isfinite(log_p_t)  # padding columns: p_t = 0, and 0 * (-inf - -inf) is nan
-        terms = torch.where(valid, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
-        kl = comm.all_reduce(terms.sum(dim=-1), group)
+        kl = comm.all_reduce(log_p_t.sub_(log_p_s).mul_(p_t).sum(dim=-1), group)
         ctx.temperature = temperature
         ctx.save_for_backward(log_p_s.exp_(), p_t)
         return kl * temperature ** 2
@@ -106,8 +100,10 @@ class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         p_s, p_t = ctx.saved_tensors
-        # d(T^2 KL)/d(student logit) = T^2 * (p_s - p_t) / T; padding columns: both are 0.
-        grad = p_s.sub_(p_t).mul_((ctx.temperature * grad_kl).unsqueeze(-1))
+        # d(T^2 KL)/d(student logit) = T^2 * (p_s - p_t) / T; padding columns get zero.
+        real = p_s.sub_(p_t).mul_((ctx.temperature * grad_kl).unsqueeze(-1))
+        grad = real.new_zeros(*real.shape[:-1], ctx.padded)
+        grad[..., :real.shape[-1]] = real
         return grad.to(ctx.input_dtype), None, None, None, None
 
 

@@ -9,8 +9,8 @@ that is not on the device the engine picked (``default_device_and_backend``). Co
 tensors on the host on purpose (initial values, data samples, checkpoint files) names the CPU.
 
 The ranks run short trainings with checkpoint save, resume and validation (data parallel with the
-distributed optimizer, tensor + sequence parallel, interleaved pipeline with tied embeddings) and
-TP generation, and report which collectives they used, so that the check is known to have seen
+distributed optimizer, tensor + sequence parallel, interleaved pipeline with tied embeddings,
+context parallel with its ring) and TP generation, and report which collectives they used, so that the check is known to have seen
 each kind.
 """
 import contextlib
@@ -158,8 +158,22 @@ def _pipeline(rank, world, root):
     return evaluate(engine, engine.datasets[0], 1)
 
 
+def _context_parallel(rank, world, root):
+    """cp=2 (ring attention: K/V around the ring), distributed optimizer over dp x cp, validation:
+    save at 2, resume to 3."""
+    def config(iters, **kw):
+        c = _config(iters, dist_opt=True, **kw)
+        c.parallel.context_parallel_size = 2
+        c.training.eval_interval, c.training.eval_iters = 3, 1
+        return c
+    train(setup(config(2, save=root), world))
+    engine = setup(config(3, load=root), world)
+    train(engine)
+    return engine.state.iteration
+
+
 PHASES = {f.__name__.lstrip("_"): f for f in (_data_parallel, _plain_optimizer_checkpoint,
-                                               _tensor_parallel, _pipeline)}
+                                               _tensor_parallel, _pipeline, _context_parallel)}
 
 
 def test_dp_checkpoint_and_resume_keep_collectives_on_the_device(tmp_path):
@@ -176,8 +190,9 @@ def test_dp_checkpoint_and_resume_keep_collectives_on_the_device(tmp_path):
         assert main_differs_from_param == []
 
 
-def test_tp_pp_and_generation_keep_collectives_on_the_device(tmp_path):
-    ranks = run_distributed(_on_rank, 2, ["tensor_parallel", "pipeline"], str(tmp_path))
+def test_tp_pp_cp_and_generation_keep_collectives_on_the_device(tmp_path):
+    ranks = run_distributed(_on_rank, 2, ["tensor_parallel", "pipeline", "context_parallel"],
+                            str(tmp_path))
     (tp_used, tokens0), (_, tokens1) = ranks[0]["tensor_parallel"], ranks[1]["tensor_parallel"]
     assert {"all_reduce", "all_gather_single", "reduce_scatter_single", "broadcast"} <= set(tp_used)
     assert tokens0 == tokens1 and len(tokens0[0]) == 9
@@ -185,6 +200,9 @@ def test_tp_pp_and_generation_keep_collectives_on_the_device(tmp_path):
         used, loss = report["pipeline"]
         assert {"batch_isend_irecv", "broadcast", "all_reduce"} <= set(used)
         assert 0 < loss < 10
+        used, iteration = report["context_parallel"]
+        assert iteration == 3
+        assert {"batch_isend_irecv", "reduce_scatter_single", "all_gather_single"} <= set(used)
 
 
 def test_generator_states_of_another_kind_of_device_are_not_restored():

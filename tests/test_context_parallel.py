@@ -37,6 +37,19 @@ def test_shard_unshard_round_trip(cp):
     assert torch.equal(cpar.unshard_sequence(parts, 0), hidden)
 
 
+def test_stages_without_positions_rotate_by_their_chunks_positions():
+    """A pipeline stage that reads no data (position_ids None) rotates its local tokens by their
+    global positions: those of chunks i and 2cp-1-i, not 0..s/cp-1."""
+    config = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=32,
+                         vocab_size=64, position_embedding_type="rope")
+    pstate = ParallelState.for_planning(tp=1, pp=1, dp=1, cp=4, rank=1)
+    model = GPTModel(config, pstate, pre_process=False, post_process=False, device="cpu")
+    cos, sin = model._rotary(torch.zeros(8, 3, 16), None)
+    expected = cpar.local_positions(32, 4, 1).expand(3, 8)
+    torch.testing.assert_close((cos, sin), model.rotary(expected))
+    assert expected[0].tolist() == [4, 5, 6, 7, 24, 25, 26, 27]
+
+
 def test_indivisible_sequence_is_refused():
     with pytest.raises(ValueError, match="2 x context-parallel size 4 = 8"):
         cpar.shard_sequence(torch.zeros(2, 20), 1, 4, 0)

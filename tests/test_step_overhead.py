@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +249,14 @@ def test_prefetched_micro_batches_are_the_same_samples(num_workers):
             prefetcher.get(10 * gbs)
     finally:
         prefetcher.close()
+
+
+# ---- the one-GPU check, run here at tiny sizes on the CPU -----------------------------------------
+def test_gpu_check_script_runs_with_cpu():
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--cpu"], cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for expected in ("ok   model grads", "ok   kernel causal_attention", "ok   optimizer fp32",
+                     "ok   loss scaler fp16", "slimtron / HF tokens/s", "0 parity failure(s)"):
+        assert expected in out.stdout, (expected, out.stdout[-3000:])

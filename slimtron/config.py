@@ -510,10 +510,11 @@ def check_logging(training: TrainingConfig) -> None:
         return
     if not training.wandb_exp_name:
         raise ConfigError("--wandb-project needs --wandb-exp-name (the run's name), as in Megatron")
-    import importlib.util
-    if importlib.util.find_spec("wandb") is None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
         raise ConfigError("--wandb-project: the wandb package is not installed (pip install "
-                          "wandb); nothing could be logged to Weights & Biases")
+                          "wandb); nothing could be logged to Weights & Biases") from None
 
 
 def check_profile(training: TrainingConfig) -> None:

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -293,14 +294,36 @@ def test_megatron_flags_accepted_reported_or_refused():
     assert gpt3.training.global_batch_size == 4
 
 
-def test_wandb_missing_is_one_line():
+def test_wandb_missing_is_one_line(monkeypatch):
     from slimtron.arguments import parse_args
-    import importlib.util
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as on a machine without it
     with pytest.raises(ConfigError, match=r"--wandb-project: the wandb package is not installed"):
         parse_args(["--mock-data", "--wandb-project", "p", "--wandb-exp-name", "e"]).validate(
             1, check_files=False)
+
+
+def _train_with_wandb(rank, world, directory):
+    os.environ["WANDB_MODE"] = "offline"  # no network, no account
+    from slimtron.training import setup, train
+    config = tiny_config()
+    config.training.train_iters, config.training.log_interval = 2, 1
+    config.training.wandb_project, config.training.wandb_exp_name = "slimtron-test", "tiny"
+    config.training.wandb_save_dir = directory
+    losses = []
+    train(setup(config, world), on_iteration=lambda it, loss, norm: losses.append(loss))
+    return losses
+
+
+def test_wandb_logs_offline(tmp_path):
+    pytest.importorskip("wandb")
+    losses = run_distributed(_train_with_wandb, 1, str(tmp_path), timeout=600)[0]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    # The run file holds each logged scalar as its JSON text (protobuf records, uncompressed).
+    data = runs[0].read_bytes()
+    assert b"lm loss" in data and b"learning rate" in data
+    for loss in losses:
+        assert json.dumps(loss).encode() in data, loss
 
 
 def test_grad_reduce_in_bf16_reduces_bf16_buffers(single_runs, dp2_runs):

@@ -55,7 +55,6 @@ from slimtron.parallel.pipeline import forward_backward  # noqa: E402
 from slimtron.parallel.state import ParallelState  # noqa: E402
 from slimtron.training import DTYPES, setup, train  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
-from tools.model_summary import rank_parameters  # noqa: E402
 
 MB = 1e6
 CALIBRATION_NUMEL = 1 << 18  # 1 MiB of fp32
@@ -218,9 +217,11 @@ class Term:
 
 
 def local_parameters(config: Config, rank: int) -> int:
-    """Parameters this rank holds (from the layout's model built on the meta device)."""
-    _, sizes = rank_parameters(config, rank)
-    return sum(local for local, _ in sizes.values())
+    """Parameters this rank holds (slimtron.memory's count, equal to the built model's)."""
+    from slimtron import memory
+
+    p = config.parallel
+    return memory.stage_parameters(config, rank // (p.tp * p.cp * p.data_parallel_size))
 
 
 def activation_bytes(config: Config) -> int:
@@ -238,13 +239,16 @@ def tensor_parallel_terms(config: Config, first: bool, last: bool, layers: int,
     act = activation_bytes(config) * (t if config.parallel.sequence_parallel else 1)
     terms = []
     if config.parallel.sequence_parallel:
-        for op in ("all_gather", "reduce_scatter"):
+        # All-gathers per layer: the QKV and fc1 inputs forward, the row-parallel outputs' grads
+        # backward, and the QKV and fc1 inputs again backward (only their slices are kept).
+        for op, per_layer in (("all_gather", 6), ("reduce_scatter", 4)):
             name = op.replace("_", "-")
-            terms.append(Term(f"SP {name} x4/layer", op, act, t, 4 * layers * m))
+            terms.append(Term(f"SP {name} x{per_layer}/layer", op, act, t, per_layer * layers * m))
             if first:
                 terms.append(Term(f"SP embedding {name}", op, act, t, m))
             if last:
-                terms.append(Term(f"SP output-layer {name}", op, act, t, m))
+                again = 2 if op == "all_gather" else 1  # the output layer's input, gathered twice
+                terms.append(Term(f"SP output-layer {name}", op, act, t, again * m))
         norms = 2 * layers + int(last)
         terms.append(Term("SP norm-weight grads all-reduce", "all_reduce",
                           norms * config.model.hidden_size * 4, t))

@@ -459,21 +459,30 @@ def state_spec(config) -> StateSpec:
                      grad_bytes=2 if p.grad_reduce_in_bf16 else 4)
 
 
-def plan_stage(config, stage: int, num_microbatches: int) -> StageMemory:
-    """The closed-form memory of a rank of pipeline stage ``stage`` (config validated)."""
+def stage_chunks(config, stage: int) -> list[dict]:
+    """The model chunks of a pipeline stage: layers and whether each embeds or computes the loss."""
     model, p = config.model, config.parallel
     v = p.virtual_pipeline_size(model.num_layers)
-    per_chunk = model.num_layers // (p.pp * v)
+    return [dict(num_layers=model.num_layers // (p.pp * v), pre_process=stage == 0 and c == 0,
+                 post_process=stage == p.pp - 1 and c == v - 1) for c in range(v)]
+
+
+def stage_parameters(config, stage: int) -> int:
+    """Parameters of one rank of a pipeline stage."""
+    return sum(chunk_parameters(config.model, config.parallel.tp, **chunk)
+               for chunk in stage_chunks(config, stage))
+
+
+def plan_stage(config, stage: int, num_microbatches: int) -> StageMemory:
+    """The closed-form memory of a rank of pipeline stage ``stage`` (config validated)."""
+    p = config.parallel
     spec = activation_spec(config)
-    params, kept, extra = 0, [], []
-    for c in range(v):
-        ends = dict(pre_process=stage == 0 and c == 0, post_process=stage == p.pp - 1 and c == v - 1)
-        params += chunk_parameters(model, p.tp, per_chunk, **ends)
-        chunk_kept, chunk_extra = chunk_activation_bytes(model, spec, per_chunk, **ends)
-        kept.append(chunk_kept)
-        extra.append(chunk_extra)
+    chunks = stage_chunks(config, stage)
+    v = len(chunks)
+    kept, extra = zip(*(chunk_activation_bytes(config.model, spec, **chunk) for chunk in chunks))
     activations, in_flight = schedule_activation_peak(p.pp, stage, num_microbatches, v, kept, extra)
     saved, _ = schedule_activation_peak(p.pp, stage, num_microbatches, v, kept, [0.0] * v)
+    params = stage_parameters(config, stage)
     weights, grads, optimizer = state_bytes(params, state_spec(config))
     return StageMemory(stage, -1, params, weights, grads, optimizer, activations, in_flight, saved)
 

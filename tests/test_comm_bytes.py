@@ -42,7 +42,10 @@ def test_terms_of_each_role():
     assert "SP output-layer all-gather" in last and "SP output-layer all-gather" not in first
     assert first["PP activations to next stage"].nbytes == 64 // 2 * 2 * 128 * 4  # s/t under SP
     assert "PP grads to previous stage" not in first
-    assert first["SP all-gather x4/layer"].calls == 4 * 1 * 2  # 1 layer per stage, 2 micro-batches
+    # 1 layer per stage, 2 micro-batches; backward gathers the QKV and fc1 input slices again.
+    assert first["SP all-gather x6/layer"].calls == 6 * 1 * 2
+    assert first["SP reduce-scatter x4/layer"].calls == 4 * 1 * 2
+    assert last["SP output-layer all-gather"].calls == 2 * 2
     assert "loss broadcast from the last stage" in last
 
 

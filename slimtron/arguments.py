@@ -19,6 +19,14 @@ from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConf
                              OptimizerConfig, ParallelConfig, TrainingConfig, model_preset,
                              parse_blend)
 
+class _JoinedWords(argparse.Action):
+    """One string from one or more words: Megatron's GPT-3 example expands its
+    ``--step-batch-size-schedule "0:16 2.4B:320 ..."`` unquoted, so the schedule arrives split."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, " ".join(values))
+
+
 # (flag, dest field, argparse options). The dest is the flag's name unless given.
 _MODEL_FLAGS = [
     ("--num-layers", None, dict(type=int)),
@@ -142,8 +150,9 @@ _TRAINING_FLAGS = [
     ("--train-samples", None, dict(type=int, help="sample-based training (sets the iterations)")),
     ("--rampup-batch-size", None, dict(type=int, nargs=3, help="START INCREMENT SAMPLES: the "
                                                              "global batch grows to its final size")),
-    ("--step-batch-size-schedule", None, dict(type=str, help='"THRESHOLD:BATCH ..." thresholds '
-                                                            "in tokens (K/M/B/T suffixes)")),
+    ("--step-batch-size-schedule", None, dict(nargs="+", action=_JoinedWords,
+                                              help='"THRESHOLD:BATCH ..." thresholds in tokens '
+                                                   "(K/M/B/T suffixes)")),
     ("--calculate-per-token-loss", None, dict(action="store_true", help="loss summed over tokens "
                                                                        "/ global token count")),
     ("--exit-duration-in-mins", None, dict(type=float, help="save and exit after this long")),

@@ -28,7 +28,7 @@ def main():
     _, common = load_common(args.load)
     config = Config.from_dict(common["config"])
     tok = build_tokenizer(config.data.tokenizer_type, config.data.tokenizer_model)
-    model = build_model_chunks(config.model, ParallelState.single())[0]
+    model = build_model_chunks(config.model, ParallelState.single(), initialize=False)[0]
     load_checkpoint(args.load, [model], None, ParallelState.single(), config, load_optim=False,
                     load_rng=False, finetune=True)
     model.eval()

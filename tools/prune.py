@@ -58,7 +58,7 @@ def load_whole_model(load: str):
         raise ConfigError(f"--load {load}: no checkpoint there")
     _, common = checkpointing.load_common(load)
     config = Config.from_dict(common["config"])
-    model = build_model_chunks(config.model, ParallelState.single())[0]
+    model = build_model_chunks(config.model, ParallelState.single(), initialize=False)[0]
     checkpointing.load_checkpoint(load, [model], None, ParallelState.single(), config,
                                   load_optim=False, load_rng=False, finetune=True)
     return model.eval(), config

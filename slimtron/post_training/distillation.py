@@ -70,7 +70,7 @@ def teacher_config(teacher_dir: str) -> Config:
 def load_teacher(teacher_dir: str, student: Config, pstate, *, sequence_parallel: bool,
                  params_dtype=torch.float32, seed: int = 1234):
     """The frozen teacher on this rank (None off the last pipeline stage), TP-sharded over
-    ``pstate``'s TP group. Collective over the ranks that build it."""
+    ``pstate``'s TP group; each rank reads its own shards (no communication)."""
     from slimtron.model import GPTModel, validate_parallel_config
 
     config = teacher_config(teacher_dir)
@@ -90,7 +90,8 @@ def load_teacher(teacher_dir: str, student: Config, pstate, *, sequence_parallel
     if not pstate.is_last_stage:
         return None
     teacher = GPTModel(model_cfg, pstate, pre_process=True, post_process=True,
-                       sequence_parallel=sequence_parallel, params_dtype=params_dtype, seed=seed)
+                       sequence_parallel=sequence_parallel, params_dtype=params_dtype, seed=seed,
+                       initialize=False)
     checkpointing.load_checkpoint(teacher_dir, [teacher], None, pstate, config,
                                   load_optim=False, load_rng=False, finetune=True)
     teacher.eval()
@@ -114,7 +115,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     kd = vocab_parallel_kl_divergence(student_logits, teacher_logits, vocab_size, temperature,
                                       group)
     if alpha == 1.0:
-        return alpha * kd
+        return kd
     ce = vocab_parallel_cross_entropy(student_logits, labels, vocab_size, group)
     return alpha * kd + (1.0 - alpha) * ce
 

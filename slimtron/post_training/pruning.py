@@ -228,7 +228,7 @@ def prune_model(model, plan: PrunePlan, *, seed: int = 1234):
     cfg = pruned_model_config(model.config, plan)
     param = next(model.parameters())
     pruned = GPTModel(cfg, ParallelState.single(param.device), params_dtype=param.dtype,
-                      device=param.device, seed=seed)
+                      device=param.device, seed=seed, initialize=False)
     state = prune_state({p.global_name: p.detach() for p in model.parameters()}, model.config, plan)
     with torch.no_grad():
         for p in pruned.parameters():

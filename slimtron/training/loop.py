@@ -317,7 +317,8 @@ def _account(engine: Engine, ok: bool, loss: float):
 def pretrain(config: Config) -> TrainState:
     engine = setup(config)
     t, ps = config.training, engine.pstate
-    log(ps, f" slimtron: world {ps.world_size} = tp {ps.tp.size} x cp {ps.cp.size} x "
+    cp = f" x cp {ps.cp.size}" if ps.cp.size > 1 else ""  # the line users grep, as before cp
+    log(ps, f" slimtron: world {ps.world_size} = tp {ps.tp.size}{cp} x "
             f"pp {ps.pp.size} x dp {ps.dp.size}, {engine.num_microbatches} micro-batches of "
             f"{t.micro_batch_size} per step, {config.optim.params_dtype_name}")
     ignored = no_effect_here(config, ps)

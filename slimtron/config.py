@@ -266,6 +266,9 @@ def check_post_training(data: DataConfig, training: TrainingConfig) -> None:
     if data.sft and not (data.tokenizer_type and data.tokenizer_model):
         raise ConfigError("--sft tokenizes its .jsonl at start-up: pass --tokenizer-type and "
                           "--tokenizer-model")
+    if data.sft and data.eod_mask_loss:
+        raise ConfigError("--eod-mask-loss does not apply to --sft, whose loss covers each answer "
+                          "and the eos that ends it")
     if training.kd_teacher_load is None:
         for flag, value in (("--kd-temperature", training.kd_temperature),
                             ("--kd-alpha", training.kd_alpha)):

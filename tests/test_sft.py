@@ -196,3 +196,22 @@ def test_sft_training_tp2_sp_equals_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(losses)[:, 0], torch.tensor(ref_losses)[:, 0],
                                rtol=1e-5, atol=0)
     assert_close_params(params, ref_params)
+
+
+def test_sft_flag_rules_are_one_line_errors(tmp_path):
+    from slimtron.arguments import parse_args, validate
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    tok = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL]
+    cases = [(["--sft", "--mock-data"] + tok, "cannot use --mock-data"),
+             (["--sft", "--data-path", path], "pass --tokenizer-type"),
+             (["--sft", "--data-path", path, "--eod-mask-loss"] + tok, "does not apply to --sft"),
+             (["--sft", "--data-path", str(tmp_path / "b.jsonl")] + tok, "b.jsonl does not exist"),
+             (["--mock-data", "--kd-alpha", "0.5"], "--kd-alpha needs --kd-teacher-load"),
+             (["--mock-data", "--kd-teacher-load", str(tmp_path), "--kd-alpha", "2"],
+              "--kd-alpha must be in"),
+             (["--mock-data", "--kd-teacher-load", str(tmp_path / "none")], "does not exist")]
+    for argv, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate(parse_args(argv), 1)
+    config = validate(parse_args(["--sft", "--data-path", path] + tok), 1)
+    assert config.data.sft and config.training.kd_alpha is None

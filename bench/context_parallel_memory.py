@@ -3,10 +3,10 @@
 
 A small GQA Llama runs the forward pass of one sequence of s tokens on cp = 1, 2, 4 forked gloo
 ranks (tests/distributed.py), each rank holding its two load-balanced chunks (s/cp tokens). The
-bytes autograd saves for backward are counted with ``slimtron.memory.SavedActivations`` (saved-tensor
-hooks, each storage once, parameters excluded); the largest rank's count is printed next to the
-ideal, the cp=1 count divided by cp. Ring attention saves only the local q, k, v, output and
-log-sum-exp, and every other saved tensor is per token, so the ratio should be 1.00.
+bytes autograd saves for backward are counted with ``slimtron.memory.SavedActivations``
+(saved-tensor hooks, each storage once, parameters excluded); the largest rank's count is printed
+next to the ideal, the cp=1 count divided by cp. Ring attention saves only the local q, k, v,
+output and log-sum-exp, and every other saved tensor is per token, so the ratio should be 1.00.
 
 Usage: python bench/context_parallel_memory.py [--seqs 4096,8192,16384] [--cps 1,2,4]
 """
@@ -29,7 +29,8 @@ from tests.distributed import run_distributed  # noqa: E402
 
 
 def model_config(args, seq_length: int) -> ModelConfig:
-    return ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=2 * args.hidden,
+    return ModelConfig(num_layers=args.layers, hidden_size=args.hidden,
+                       ffn_hidden_size=2 * args.hidden,
                        num_attention_heads=args.heads, num_query_groups=args.groups,
                        seq_length=seq_length, vocab_size=args.vocab, normalization="RMSNorm",
                        position_embedding_type="rope", swiglu=True, add_bias_linear=False,
@@ -78,7 +79,8 @@ def main() -> None:
     for seq in seqs:
         for cp in cps:
             got, ideal = per_rank[seq, cp], per_rank[seq, 1] / cp
-            print(f"{seq:>7} {cp:>3} {got / 2**20:>13.2f} {ideal / 2**20:>18.2f} {got / ideal:>6.3f}")
+            print(f"{seq:>7} {cp:>3} {got / 2**20:>13.2f} {ideal / 2**20:>18.2f} "
+                  f"{got / ideal:>6.3f}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def _check_ring(cp, label):
     """Ring attention on this rank's shards equals the shard of the reference, for every case."""
     for case, (heads, groups, with_segments) in enumerate(CASES):
         (q, k, v, weight, segments), expected = _reference(heads, groups, with_segments, seed=case)
-        shard = lambda t, dim=0: cpar.shard_sequence(t.detach(), dim, cp.size, cp.rank)  # noqa: E731
+        def shard(t, dim=0):
+            return cpar.shard_sequence(t.detach(), dim, cp.size, cp.rank)
         ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
         out = cpar.ring_attention(ql, kl, vl, cp, None if segments is None else shard(segments, 1))
         (out * shard(weight)).sum().backward()
@@ -118,15 +119,21 @@ def _ring_worker(rank, world):
     return _layer_activation_bytes(pstate)
 
 
-def _model_loss_and_grads(pstate, tokens, labels, weight, recompute=None):
-    """Per-token loss of a tiny GQA Llama (RoPE from the model's default positions) on this cp
-    rank's tokens, and its parameter grads summed over cp (the dp x cp reduction's sum)."""
-    config = ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6,
-                         num_query_groups=2, seq_length=SEQ, vocab_size=100, normalization="RMSNorm",
-                         position_embedding_type="rope", swiglu=True, add_bias_linear=False,
-                         untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
-                         attention_dropout=0.0)
-    model = GPTModel(config, pstate, recompute=recompute)
+MODEL_CONFIGS = {  # a GQA Llama (RoPE) and a GPT-2 (learned positions, tied embeddings, biases)
+    "llama": ModelConfig(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=6,
+                         num_query_groups=2, seq_length=SEQ, vocab_size=100,
+                         normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+                         add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                         hidden_dropout=0.0, attention_dropout=0.0),
+    "gpt2": ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=6, seq_length=SEQ,
+                        vocab_size=100, hidden_dropout=0.0, attention_dropout=0.0),
+}
+
+
+def _model_loss_and_grads(pstate, tokens, labels, weight, recompute=None, arch="llama"):
+    """Per-token loss of a tiny model (positions: the model's default) on this cp rank's
+    tokens, and its parameter grads summed over cp (the dp x cp reduction's sum)."""
+    model = GPTModel(MODEL_CONFIGS[arch], pstate, recompute=recompute)
     shard = lambda t: cpar.shard_sequence(t, 1, pstate.cp.size, pstate.cp.rank)  # noqa: E731
     loss = model(tokens=shard(tokens), labels=shard(labels))
     (loss * shard(weight)).sum().backward()
@@ -141,14 +148,18 @@ def _check_model(pstate):
     g = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 100, (2, 2, SEQ), generator=g)
     weight = torch.rand(2, SEQ, generator=g)
-    ref_loss, ref_grads = _model_loss_and_grads(ParallelState.single(), tokens, labels, weight)
-    shard = cpar.shard_sequence(ref_loss, 1, pstate.cp.size, pstate.cp.rank)
-    for recompute in (None, "selective", "full"):  # recomputation re-runs the ring in backward
-        loss, grads = _model_loss_and_grads(pstate, tokens, labels, weight, recompute)
-        torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg=f"loss, {recompute}")
+    # Recomputation re-runs the ring in backward.
+    for arch, recompute in (("llama", None), ("llama", "selective"), ("llama", "full"),
+                            ("gpt2", None)):
+        ref_loss, ref_grads = _model_loss_and_grads(ParallelState.single(), tokens, labels,
+                                                    weight, arch=arch)
+        shard = cpar.shard_sequence(ref_loss, 1, pstate.cp.size, pstate.cp.rank)
+        loss, grads = _model_loss_and_grads(pstate, tokens, labels, weight, recompute, arch)
+        case = f"{arch}, recompute {recompute}"
+        torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg=f"loss, {case}")
         for name, ref in ref_grads.items():
             torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6,
-                                       msg=f"{name}, recompute {recompute}")
+                                       msg=f"{name}, {case}")
 
 
 def test_ring_attention_matches_full_attention_cp1():
@@ -159,7 +170,8 @@ def test_ring_attention_matches_full_attention_cp1():
 def _layer_activation_bytes(pstate) -> float:
     """Bytes autograd saves per layer of a bf16 decoder chunk on this cp rank's tokens."""
     from tests.test_memory import LLAMA, MICRO_BATCH
-    model = GPTModel(LLAMA, pstate, pre_process=False, post_process=False, params_dtype=torch.bfloat16)
+    model = GPTModel(LLAMA, pstate, pre_process=False, post_process=False,
+                     params_dtype=torch.bfloat16)
     x = torch.randn(LLAMA.seq_length // pstate.cp.size, MICRO_BATCH, LLAMA.hidden_size,
                     dtype=torch.bfloat16, requires_grad=True)
     rotary = model.rotary(model._default_positions(MICRO_BATCH, x.shape[0], x.device))
@@ -173,8 +185,8 @@ def _layer_activation_bytes(pstate) -> float:
 
 def test_ring_attention_matches_full_attention_cp2_cp4():
     """One launch of 4 ranks: ring attention at cp=4 and (two pairs) cp=2, then a whole model at
-    cp=4 against one process (without, selective and full recomputation), then the memory
-    model's activation bytes at cp=4."""
+    cp=4 against one process (Llama without, selective and full recomputation; GPT-2), then the
+    memory model's activation bytes at cp=4."""
     from tests.test_memory import LLAMA, MICRO_BATCH
     per_layer = run_distributed(_ring_worker, 4)
     assert len(set(per_layer)) == 1  # load balancing: every cp rank keeps the same

@@ -43,7 +43,7 @@ def _check_divisible(length: int, cp_size: int, what: str) -> None:
 
 
 def shard_sequence(x: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """This cp rank's two chunks of ``x`` along ``dim`` (dim 1 for ``[b, s]``, 0 for ``[s, b, h]``)."""
+    """This cp rank's two chunks of ``x`` along ``dim`` (1 for ``[b, s]``, 0 for ``[s, b, h]``)."""
     if cp_size == 1:
         return x
     _check_divisible(x.shape[dim], cp_size, f"dimension {dim}")
@@ -269,6 +269,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp,
     if s % 2:
         raise ValueError(f"ring attention: the local sequence length {s} must be even (two chunks)")
     if heads % k.shape[2]:
-        raise ValueError(f"ring attention: {heads} query heads do not divide into {k.shape[2]} groups")
+        raise ValueError(f"ring attention: {heads} query heads do not divide into "
+                         f"{k.shape[2]} groups")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     return _RingAttention.apply(q, k, v, segment_ids, cp, scale)

@@ -270,3 +270,21 @@ def test_init_method_std_sets_the_weights_spread():
                            ("decoder.layers.3.mlp.linear_fc2.weight", 0.006 / math.sqrt(8))]:
         std = params[name].detach()[:512].std().item()
         assert std == pytest.approx(expected, rel=0.03), name
+
+
+def test_corpus_from_a_larger_tokenizer_stops_training_with_one_line(tmp_path, corpus):
+    """A corpus preprocessed with the 8000-piece model, trained with a 1000-id vocabulary: one
+    line naming the corpus, not an index error inside the embedding."""
+    run_ours(corpus, tmp_path / "big", "--tokenizer-type", "SentencePieceTokenizer",
+             "--tokenizer-model", BUNDLED_MODEL, "--append-eod")
+    prefix = tmp_path / "big_text_document"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_gpt.py"), "--data-path", str(prefix),
+         "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000", "--seq-length", "32",
+         "--train-iters", "2", "--split", "100,0,0", "--data-cache-path", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"{prefix}: sample" in errors[0], proc.stderr[-2000:]
+    assert "outside the model's vocabulary of 1000" in errors[0]
+    assert "Traceback" not in proc.stderr

@@ -200,15 +200,25 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_chunks(path: str, chunks: list) -> int:
-    """Write the chunks' bytes, in order, through a bounded host buffer; fsync. Returns bytes."""
+    """Write the chunks' bytes, in order, and fsync; returns the bytes written. Host tensors are
+    written in place; device tensors through one host buffer of STAGING_BYTES."""
     written = 0
+    staging = None
     with open(path, "wb", buffering=0) as f:
         for c in chunks:
             flat = c.data.reshape(-1) if c.data.is_contiguous() else c.data.contiguous().reshape(-1)
+            if flat.device.type == "cpu":
+                written += _write_all(f, _host_bytes(flat))
+                continue
+            if staging is None:
+                staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, device="cpu",
+                                      pin_memory=flat.is_cuda)
             step = max(1, STAGING_BYTES // flat.element_size())
             for start in range(0, flat.numel(), step):
                 piece = flat[start:start + step]
-                written += _write_all(f, _host_bytes(piece.to("cpu")))
+                host = staging[:piece.numel() * piece.element_size()].view(piece.dtype)
+                host.copy_(piece)
+                written += _write_all(f, _host_bytes(host))
         os.fsync(f.fileno())
     return written
 

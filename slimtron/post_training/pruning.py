@@ -4,9 +4,9 @@ the most important ones, slice the weights.
 Importance (Sreenivas et al., "LLM Pruning and Distillation in Practice: The Minitron Approach"):
 - MLP neuron ``j`` of a layer: the L2 norm, over every calibration token, of its activation (the
   input of ``linear_fc2``, after the gate);
-- attention: the L2 norm of each head's attention output (the input of ``linear_proj``), summed over
-  the heads of a query group. Whole query groups are pruned (heads per group stay fixed), which in
-  multi-head attention is pruning single heads;
+- attention: the L2 norm, over every calibration token, of a query group's attention output (its
+  heads' slices of the input of ``linear_proj``). Whole query groups are pruned (heads per group
+  stay fixed), which in multi-head attention is pruning single heads;
 - layers: the mean over tokens of ``1 - cos(x_in, x_out)`` (how much the layer changes the hidden
   state); the layers that change it least go;
 - embedding channels (the hidden size): the L2 norm of each channel of every norm's output (both

@@ -99,6 +99,16 @@ def test_context_parallel_checkpoint_loads_without_it(tmp_path):
     assert_continues(run(configured(load=ckpt), 1), reference, 4)
 
 
+def test_tied_embedding_across_stages(tmp_path):
+    """GPT-2 (tied embeddings: the last stage holds a copy, written once) saved at pp=2 with the
+    distributed optimizer goes on at (1, 1, 1) with the same losses."""
+    reference = run(configured(arch="gpt2"), 1)
+    ckpt = str(tmp_path / "ckpt")
+    run(configured(save=ckpt, save_interval=3, exit_interval=3, arch="gpt2", pp=2,
+                   dist_opt=True), 2)
+    assert_continues(run(configured(load=ckpt, arch="gpt2"), 1), reference, 4)
+
+
 def test_killed_save_is_never_loaded(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     whole = run(configured(), 1)

@@ -307,7 +307,10 @@ class Reader:
             dest = target[common.shifted(tuple(-o for o in want.offsets)).slices()]
             self._read_rect(file_name, byte_offset, chunk, common, dtype, dest)
             covered += common.numel
-        if covered != want.numel:
+        if covered > want.numel:
+            raise ValueError(f"checkpoint {self.ckpt_dir}: {METADATA_FILE} is damaged: chunks of "
+                             f"{key} overlap")
+        if covered < want.numel:
             raise ValueError(f"checkpoint {self.ckpt_dir} holds only {covered} of the "
                              f"{want.numel} elements of {what} this rank needs")
 

@@ -125,3 +125,19 @@ def test_no_load_path_unpickles_objects(tmp_path):
                                {"files": {"../../etc/passwd": 1}, "entries": {}})
     with pytest.raises(ValueError, match=r"names a shard file '../../etc/passwd'"):
         dist_format.Reader(str(ckpt_dir))
+
+
+def test_ckpt_format_flags():
+    from slimtron.arguments import parse_args, validate
+    from slimtron.config import ConfigError
+
+    base = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--micro-batch-size", "1"]
+    config = validate(parse_args(base), 1, check_files=False)
+    assert (config.training.ckpt_format, config.training.async_save) == ("torch_dist", False)
+    config = validate(parse_args(base + ["--ckpt-format", "torch_dist", "--async-save"]), 1,
+                      check_files=False)
+    assert (config.training.ckpt_format, config.training.async_save) == ("torch_dist", True)
+    with pytest.raises(ConfigError, match="--async-save needs --ckpt-format torch_dist, not torch"):
+        validate(parse_args(base + ["--ckpt-format", "torch", "--async-save"]), 1,
+                 check_files=False)

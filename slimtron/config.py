@@ -415,8 +415,9 @@ def check_batch(training: TrainingConfig, parallel: ParallelConfig, model: Model
 
 
 def _resolve_batch_schedule(training: TrainingConfig, model: ModelConfig) -> None:
-    """--rampup-batch-size and --step-batch-size-schedule: one at a most; the schedule's last
-    batch is the global batch (which, if also given, must be that batch)."""
+    """--rampup-batch-size and --step-batch-size-schedule: at most one; the schedule's last
+    batch is the global batch (which, if also given, must be that batch: Megatron's GPT-3
+    example passes both)."""
     rampup, steps = training.rampup_batch_size, training.step_batch_size_schedule
     if rampup is not None and steps is not None:
         raise ConfigError("--rampup-batch-size and --step-batch-size-schedule are both set; "

@@ -151,8 +151,9 @@ def evaluate(engine: Engine, dataset, num_iters: int, first_sample: int = 0) -> 
     for chunk in engine.model_chunks:
         chunk.eval()
     gbs = engine.config.training.global_batch_size
-    during_training = engine.num_microbatches
-    engine.num_microbatches = gbs // engine.batch.per_microbatch if engine.batch else during_training
+    during_training = engine.num_microbatches  # under a batch ramp-up, not the final batch's
+    if engine.batch is not None:
+        engine.num_microbatches = gbs // engine.batch.per_microbatch
     total = torch.zeros(2, dtype=torch.float64, device=engine.pstate.device)
     try:
         with torch.no_grad():

@@ -62,7 +62,8 @@ class RunControl:
         if t.exit_duration_in_mins is not None:
             minutes = (time.monotonic() - self.start) / 60.0
             if any_rank(minutes > t.exit_duration_in_mins, self.pstate):
-                return f"trained for {minutes:.2f} minutes (--exit-duration-in-mins {t.exit_duration_in_mins:g})"
+                return (f"trained for {minutes:.2f} minutes (--exit-duration-in-mins "
+                        f"{t.exit_duration_in_mins:g})")
         return None
 
     # ---- per step -----------------------------------------------------------------------------

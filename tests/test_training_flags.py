@@ -333,3 +333,22 @@ def test_grad_reduce_in_bf16_reduces_bf16_buffers(single_runs, dp2_runs):
     losses, ref = [step[0] for step in bf16[1]], [step[0] for step in fp32[1]]
     assert losses[0] == pytest.approx(ref[0], rel=1e-6)
     assert losses == pytest.approx(ref, rel=1e-2) and losses != pytest.approx(ref, rel=1e-7)
+
+
+def test_lr_lengths_as_megatron():
+    from slimtron.config import Config
+    from slimtron.training.setup import build_lr_scheduler
+    config = Config()
+    config.optim.lr, config.optim.lr_warmup_fraction, config.optim.lr_decay_iters = 1.0, 0.25, 10
+    config.validate(1, check_files=False)
+    batch = BatchSchedule.from_config(config.training, 1, config.model.seq_length)
+    iterations = build_lr_scheduler(config, batch)  # a fraction of the decay, not rounded
+    assert (iterations.unit, iterations.warmup_iters, iterations.lr_at(1)) == \
+        ("iterations", 2.5, pytest.approx(0.4))
+    config.training.train_iters, config.training.train_samples = None, 64
+    config.optim.lr_decay_iters, config.optim.lr_decay_samples = None, 40
+    config.training.global_batch_size = 4
+    config.validate(1, check_files=False)
+    assert config.training.train_iters == 16
+    samples = build_lr_scheduler(config, BatchSchedule.from_config(config.training, 1, 64))
+    assert (samples.unit, samples.warmup_iters, samples.decay_iters) == ("samples", 10.0, 40)

@@ -29,7 +29,8 @@ from slimtron.model import build_model_chunks
 from slimtron.model.transformer import Recompute
 from slimtron.optim import build_optimizer
 from slimtron.parallel.data_parallel import DataParallelGrads
-from slimtron.training.setup import DTYPES, Engine, TrainState, build_parallel_state
+from slimtron.training.setup import (DTYPES, Engine, TrainState, build_parallel_state,
+                                     build_tokenizer_for)
 
 ATTENTION_KERNEL = "flash (SDPA flash / flash-attn: q, k, v, output and logsumexp; no s x s scores)"
 META = torch.device("meta")
@@ -71,6 +72,7 @@ def dry_run(config: Config, world_size: int, rank: Optional[int] = None) -> list
         raise ConfigError("--dry-run needs --dry-run-world-size N (N >= 1)")
     if dist.is_initialized():
         raise ConfigError("--dry-run runs in one process, outside torchrun")
+    build_tokenizer_for(config)  # its vocabulary sizes the model, as in training
     validate(config, world_size, check_files=False)
     return [_with_fake_group(config, world_size, r) for r in ranks_to_report(config, world_size, rank)]
 

@@ -96,15 +96,16 @@ class _LinearWithTPInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        full = comm.all_gather_dim0(x, ctx.group) if ctx.sequence_parallel else x
         grad_input = grad.matmul(weight)  # a fresh tensor: reduced in place, no copy
         if ctx.sequence_parallel:
             grad_input = comm.reduce_scatter_dim0(grad_input, ctx.group)
         else:
             comm.all_reduce(grad_input, ctx.group)
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = (grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
-                       if ctx.needs_input_grad[1] else None)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            full = comm.all_gather_dim0(x, ctx.group) if ctx.sequence_parallel else x
+            grad_weight = grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
         grad_bias = grad_2d.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None
 

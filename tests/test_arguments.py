@@ -168,3 +168,26 @@ def test_parse_blend():
         parse_blend(["0.3", "a", "b"])
     with pytest.raises(ConfigError, match="non-negative"):
         parse_blend(["-1", "a", "2", "b"])
+
+
+def test_training_side_megatron_flags_map_to_config_and_round_trip():
+    cfg = _cfg("--preset tiny-llama --mock-data --train-samples 1000 --rampup-batch-size 8 8 500 "
+               "--global-batch-size 32 --lr-warmup-samples 100 --lr-decay-samples 900 "
+               "--decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5 --calculate-per-token-loss "
+               "--exit-duration-in-mins 235 --exit-signal-handler --manual-gc "
+               "--manual-gc-interval 10 --empty-unused-memory-level 1 --log-throughput --profile "
+               "--profile-step-start 4 --profile-step-end 6 --profile-ranks 0 1 "
+               "--no-mmap-bin-files --grad-reduce-in-bf16 --context-parallel-size 2")
+    t, o = cfg.training, cfg.optim
+    assert (t.train_samples, t.train_iters, t.rampup_batch_size) == (1000, None, [8, 8, 500])
+    assert (o.lr_warmup_samples, o.lr_decay_samples, o.decoupled_lr, o.decoupled_min_lr) == \
+        (100, 900, 5e-4, 4.5e-5)
+    assert t.calculate_per_token_loss and t.exit_signal_handler and t.manual_gc and t.profile
+    assert (t.exit_duration_in_mins, t.manual_gc_interval, t.empty_unused_memory_level) == \
+        (235, 10, 1)
+    assert (t.profile_step_start, t.profile_step_end, t.profile_ranks) == (4, 6, [0, 1])
+    assert not cfg.data.mmap_bin_files and cfg.parallel.grad_reduce_in_bf16
+    assert cfg.parallel.context_parallel_size == 2
+    assert parse_args(to_argv(cfg)) == cfg
+    validate(cfg, 4)
+    assert cfg.parallel.data_parallel_size == 2 and cfg.training.train_iters > 0

@@ -22,8 +22,8 @@ def test_flat_range_boxes_are_the_range_in_order(shape):
         assert got == list(range(start, end))
         assert len(boxes) <= 2 * len(shape) - 1
         for b in boxes:  # each is contiguous, starting where flat_offset says
-            assert x[b.slices()].reshape(-1).tolist() == list(range(flat_offset(shape, b),
-                                                                    flat_offset(shape, b) + b.numel))
+            first = flat_offset(shape, b)
+            assert x[b.slices()].reshape(-1).tolist() == list(range(first, first + b.numel))
 
 
 def _param(full: torch.Tensor, name: str, dim: int, chunks: int, tp: int, rank: int):
@@ -97,7 +97,7 @@ def test_reader_reads_only_the_bytes_it_needs(tmp_path):
     assert rchar() - before - (before - first) == 10 * 3 * 2
     assert torch.equal(out, full[1:11, 6:9])
     with pytest.raises(ValueError, match="holds only 0 of the 4 elements of w"):
-        dist_format.Reader.read_into(reader, "model/w", Box((12, 0), (2, 2)), torch.zeros(2, 2), "w")
+        reader.read_into("model/w", Box((12, 0), (2, 2)), torch.zeros(2, 2), "w")
     reader.close()
     os.truncate(str(tmp_path / dist_format.shard_file(0)), 100)
     with pytest.raises(ValueError, match=r"shard_00000.bin is damaged: 100 bytes, metadata.json "

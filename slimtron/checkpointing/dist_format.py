@@ -187,7 +187,8 @@ def metadata(entries_by_rank: list, records_by_rank: list, common_layout: dict) 
     files = {}
     for rank_records, rank_entries in zip(records_by_rank, entries_by_rank):
         for r in rank_records:
-            entries[r["key"]]["chunks"].append([r["file"], r["byte_offset"], r["offsets"], r["sizes"]])
+            entries[r["key"]]["chunks"].append([r["file"], r["byte_offset"], r["offsets"],
+                                                r["sizes"]])
             item = math.prod(r["sizes"]) * _DTYPES[entries[r["key"]]["dtype"]].itemsize
             files[r["file"]] = max(files.get(r["file"], 0), r["byte_offset"] + item)
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": common_layout,
@@ -254,7 +255,8 @@ class Reader:
             self.entries = self.meta["entries"]
             files = self.meta["files"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"checkpoint file {path} is damaged: {type(e).__name__}: {e}") from None
+            raise ValueError(f"checkpoint file {path} is damaged: {type(e).__name__}: "
+                             f"{e}") from None
         for name, size in files.items():
             self._check_file(name, size)
         self._fds: dict = {}

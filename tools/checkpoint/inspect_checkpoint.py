@@ -40,12 +40,13 @@ def describe(ckpt_dir: str, common: dict) -> list:
     layout = common.get("layout", {})
     model = common["config"]["model"]
     lines = [f"checkpoint       {ckpt_dir}",
-             f"iteration        {common['iteration']} ({common['consumed_samples']} samples consumed)",
+             f"iteration        {common['iteration']} "
+             f"({common['consumed_samples']} samples consumed)",
              f"format           {version} (--ckpt-format {name})",
              "layout           " + " ".join(f"{k}={v}" for k, v in layout.items()),
              f"optimizer state  {'yes' if common.get('optimizer') is not None else 'no'}",
-             "model            " + ", ".join(f"{k}={model[k]}" for k in ckpt_common.MODEL_SHAPE_FIELDS
-                                            if k in model)]
+             "model            " + ", ".join(f"{k}={model[k]}"
+                                            for k in ckpt_common.MODEL_SHAPE_FIELDS if k in model)]
     sizes = {f: os.path.getsize(os.path.join(ckpt_dir, f)) for f in sorted(os.listdir(ckpt_dir))}
     lines.append(f"files            {len(sizes)}, {sum(sizes.values()):,} bytes")
     lines += [f"  {size:>16,}  {f}" for f, size in sizes.items()]
@@ -92,7 +93,8 @@ def _check_coverage(reader) -> list:
         boxes = [Box(tuple(o), tuple(s)) for _, _, o, s in entry["chunks"]]
         if any(whole.intersect(b) != b for b in boxes):
             problems.append(f"{key}: a chunk lies outside its shape {shape}")
-        overlap = any(a.intersect(b) is not None for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        overlap = any(a.intersect(b) is not None
+                      for i, a in enumerate(boxes) for b in boxes[i + 1:])
         if overlap:
             problems.append(f"{key}: chunks overlap")
         covered = sum(b.numel for b in boxes)

@@ -11,7 +11,8 @@ from slimtron.model import build_model_chunks
 from slimtron.parallel.cross_entropy import vocab_parallel_kl_divergence
 from slimtron.parallel.sharding import unshard_like
 from slimtron.parallel.state import ParallelState
-from slimtron.post_training.distillation import distillation_loss, load_teacher, teacher_logits
+from slimtron.post_training.distillation import (check_same_tokenizer, distillation_loss,
+                                                load_teacher, teacher_logits)
 from tests.distributed import run_distributed
 from tests.test_hf_conversion import perturb
 
@@ -131,7 +132,6 @@ def test_teacher_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
                                                     tokenizer_model=str(a)))
     student = Config(model=STUDENT, data=DataConfig(tokenizer_type="SentencePieceTokenizer",
                                                     tokenizer_model=str(b)))
-    from slimtron.post_training.distillation import check_same_tokenizer
     with pytest.raises(ConfigError, match="is not the student's"):
         check_same_tokenizer(teacher, student, "T")
     with pytest.raises(ConfigError, match="does not exist"):

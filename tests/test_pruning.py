@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimtron.checkpointing import latest_iteration, load_checkpoint, load_common, save_checkpoint
-from slimtron.config import Config, ConfigError, ModelConfig
+from slimtron.config import Config, ModelConfig
 from slimtron.data import IndexedDatasetBuilder
 from slimtron.model import build_model_chunks
 from slimtron.parallel.state import ParallelState

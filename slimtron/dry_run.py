@@ -74,7 +74,8 @@ def dry_run(config: Config, world_size: int, rank: Optional[int] = None) -> list
         raise ConfigError("--dry-run runs in one process, outside torchrun")
     build_tokenizer_for(config)  # its vocabulary sizes the model, as in training
     validate(config, world_size, check_files=False)
-    return [_with_fake_group(config, world_size, r) for r in ranks_to_report(config, world_size, rank)]
+    return [_with_fake_group(config, world_size, r)
+            for r in ranks_to_report(config, world_size, rank)]
 
 
 def _with_fake_group(config: Config, world_size: int, rank: int):

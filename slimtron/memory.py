@@ -198,7 +198,8 @@ def layer_activation_bytes(model, spec: ActivationSpec) -> float:
 
 
 def checkpointed_layers(num_layers: int, spec: ActivationSpec) -> tuple[int, int]:
-    """Full recomputation of a chunk of ``num_layers`` layers: (checkpoints kept, layers kept whole)."""
+    """Full recomputation of a chunk of ``num_layers`` layers: (checkpoints kept, layers kept
+    whole)."""
     # (The working set a backward recomputes is held by torch.utils.checkpoint outside autograd's
     # saved-tensor hooks: SavedActivations cannot see it, so it comes from this closed form.)
     n = spec.recompute_num_layers

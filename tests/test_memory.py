@@ -189,7 +189,8 @@ def test_closed_form_predicts_every_rank_of_a_real_step(layouts_measured, name):
     config = validate(layout_config(name), WORLD, check_files=False)
     ranks_per_stage = WORLD // config.parallel.pp
     for rank in range(WORLD):
-        planned = memory.plan_stage(config, rank // ranks_per_stage, memory.num_microbatches(config))
+        stage = rank // ranks_per_stage
+        planned = memory.plan_stage(config, stage, memory.num_microbatches(config))
         weights, grads, optimizer, activations = layouts_measured[rank][name]
         assert planned.saved_activations == pytest.approx(activations, rel=0.05), f"rank {rank}"
         saved_peak = planned.peak - planned.activations + planned.saved_activations

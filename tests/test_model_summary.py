@@ -94,7 +94,8 @@ def test_llama2_7b_count_and_single_rank_memory(capsys):
     s, h, a, L, f, v = 4096, 4096, 32, 32, 11008, 32000
     layers = L * _llama_layer_bytes(s, 1, h, a, a, f)
     rotary = 2 * 4 * s * 128
-    ends = 8 * s + (2 * s * h + 4 * s) + 2 * s * h + s * (4 * v + 8 + 1 + 4)  # ids; norm, output, loss
+    # token ids; final norm, the output layer's input, the loss (softmax, targets, mask, loss mask)
+    ends = 8 * s + (2 * s * h + 4 * s) + 2 * s * h + s * (4 * v + 8 + 1 + 4)
     activations = layers + rotary + ends
     assert _gib(text, "weights") == f"{2 * n / GIB:.2f}"
     assert _gib(text, "gradients") == f"{4 * n / GIB:.2f}"
@@ -109,7 +110,8 @@ def test_per_stage_split_tp2_pp2_equals_the_dry_run():
             "--pipeline-model-parallel-size", "2", "--data-parallel-size", "2", "--bf16",
             "--use-distributed-optimizer", "--sequence-parallel", "--micro-batch-size", "1",
             "--global-batch-size", "8"]
-    config = model_summary.config_from_namespace(model_summary.build_summary_parser().parse_args(argv))
+    parser = model_summary.build_summary_parser()
+    config = model_summary.config_from_namespace(parser.parse_args(argv))
     model_summary.validate(config, 8, check_files=False)
     total, stages = model_summary.summarize(config, num_microbatches=4)
     assert total == 6_738_415_616

@@ -179,7 +179,8 @@ def step_time(config: Config, layout: Layout, device: Device, gpus_per_node: int
     params = memory.plan_stage(config, 0, m).parameters
     d = layout.dp
     dp_bytes = params * (d - 1) / d * (6 if layout.distributed_optimizer else 8)
-    dp_bandwidth = device.nvlink_bytes_per_s if layout.tp * d <= gpus_per_node else device.ib_bytes_per_s
+    within_node = layout.tp * d <= gpus_per_node
+    dp_bandwidth = device.nvlink_bytes_per_s if within_node else device.ib_bytes_per_s
     dp_time = dp_bytes / dp_bandwidth if d > 1 else 0.0
     pp_bytes = 2 * m * layout.vpp * x / (layout.tp if layout.sequence_parallel else 1)
     pp_time = pp_bytes / device.ib_bytes_per_s if layout.pp > 1 else 0.0

@@ -83,8 +83,9 @@ class _LinearWithTPInput(torch.autograd.Function):
     """``F.linear`` entering a tensor-parallel region, as Megatron's linear with async grad
     communication: the input gradient is all-reduced over TP (replicated input) or reduce-scattered
     along the sequence (sequence parallelism). Under sequence parallelism the input arrives as the
-    local ``[s/tp, b, h]`` slice, is all-gathered for the product and only the slice is saved; backward
-    gathers it again for the weight gradient, so no full ``[s, b, h]`` copy outlives the forward."""
+    local ``[s/tp, b, h]`` slice, is all-gathered for the product and only the slice is saved;
+    backward gathers it again for the weight gradient, so no full ``[s, b, h]`` copy outlives the
+    forward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, sequence_parallel):

@@ -352,3 +352,30 @@ def test_lr_lengths_as_megatron():
     assert config.training.train_iters == 16
     samples = build_lr_scheduler(config, BatchSchedule.from_config(config.training, 1, 64))
     assert (samples.unit, samples.warmup_iters, samples.decay_iters) == ("samples", 10.0, 40)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_prefetcher_follows_the_batch_schedule(num_workers):
+    from slimtron.data.mock_dataset import MockGPTDataset
+    from slimtron.parallel.state import ParallelState
+    from slimtron.training.data import MicroBatchPrefetcher, microbatches_for
+    config = flags_config("rampup")
+    config.data.num_workers = num_workers
+    config.validate(1, check_files=False)
+    batch = BatchSchedule.from_config(config.training, 1, config.model.seq_length)
+    dataset = MockGPTDataset(20, config.model.seq_length, config.model.vocab_size, seed=3)
+    pstate = ParallelState.single()
+    prefetcher = MicroBatchPrefetcher(dataset, config, pstate, batch.num_microbatches(0), batch)
+    try:
+        first, counts = 0, []
+        while first < 20:  # batches of 2 until 8 samples, then 4: each step's are the next
+            got = prefetcher.get(first)
+            expected = microbatches_for(dataset, first, config, pstate, batch.num_microbatches(first))
+            counts.append(len(got))
+            assert len(got) == len(expected)
+            for a, b in zip(got, expected):
+                assert all(torch.equal(a[k], b[k]) for k in b)
+            first += batch.global_batch_size(first)
+        assert counts == [2, 2, 2, 2, 4, 4, 4]
+    finally:
+        prefetcher.close()

@@ -112,24 +112,42 @@ def to_rank(microbatches: list, pstate: ParallelState) -> list:
     return out
 
 
+class _Steps:
+    """Each step's global batch and micro-batch count from its first sample: constant, or
+    following a batch-size schedule (``training.batch_schedule.BatchSchedule``)."""
+
+    def __init__(self, config: Config, num_microbatches: int, batch=None):
+        self.config, self.num_microbatches, self.batch = config, num_microbatches, batch
+
+    def size(self, first_sample: int) -> int:
+        if self.batch is None:
+            return self.config.training.global_batch_size
+        return self.batch.global_batch_size(first_sample)
+
+    def count(self, first_sample: int) -> int:
+        if self.batch is None:
+            return self.num_microbatches
+        return self.batch.num_microbatches(first_sample)
+
+
 class _StepIndices(torch.utils.data.Sampler):
     """Index lists of this rank's micro-batches, step after step from ``first_sample``."""
 
     def __init__(self, first_sample: int, config: Config, pstate: ParallelState,
-                 num_microbatches: int, dataset_length: int):
+                 steps: _Steps, dataset_length: int):
         self.first_sample, self.config, self.pstate = first_sample, config, pstate
-        self.num_microbatches, self.dataset_length = num_microbatches, dataset_length
+        self.steps, self.dataset_length = steps, dataset_length
 
     def __iter__(self):
         first = self.first_sample
         while True:  # ends before the first micro-batch the dataset cannot fill
-            for k in range(self.num_microbatches):
+            for k in range(self.steps.count(first)):
                 try:
                     yield microbatch_indices(first, k, self.config, self.pstate,
                                              self.dataset_length)
                 except ConfigError:
                     return
-            first += self.config.training.global_batch_size
+            first += self.steps.size(first)
 
 
 class MicroBatchPrefetcher:
@@ -138,11 +156,14 @@ class MicroBatchPrefetcher:
     background. ``--num-workers 0``: one thread reads and collates; ``--num-workers n``: a
     ``torch.utils.data.DataLoader`` with n worker processes (pinned memory on CUDA), as Megatron.
     A request for other samples than the prefetched ones (a resumed or skipped step) is read
-    directly and restarts the prefetching from there."""
+    directly and restarts the prefetching from there. With ``batch`` (a BatchSchedule) each
+    step's size and micro-batch count follow the consumed samples."""
 
-    def __init__(self, dataset, config: Config, pstate: ParallelState, num_microbatches: int):
+    def __init__(self, dataset, config: Config, pstate: ParallelState, num_microbatches: int,
+                 batch=None):
         self.dataset, self.config, self.pstate = dataset, config, pstate
         self.num_microbatches = num_microbatches
+        self.steps = _Steps(config, num_microbatches, batch)
         self.num_workers = config.data.num_workers
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
@@ -153,14 +174,14 @@ class MicroBatchPrefetcher:
 
     def get(self, first_sample: int) -> list:
         if self.dataset is None:
-            return [None] * self.num_microbatches
-        for k in range(self.num_microbatches):  # out of samples: the one-line error, here
+            return [None] * self.steps.count(first_sample)
+        for k in range(self.steps.count(first_sample)):  # out of samples: the one-line error
             microbatch_indices(first_sample, k, self.config, self.pstate, len(self.dataset))
         if self.num_workers > 0:
             batches = self._from_loader(first_sample)
         else:
             batches = self._from_thread(first_sample)
-        self._next_first = first_sample + self.config.training.global_batch_size
+        self._next_first = first_sample + self.steps.size(first_sample)
         return to_rank(batches, self.pstate)
 
     def _from_thread(self, first_sample: int) -> list:
@@ -170,23 +191,23 @@ class MicroBatchPrefetcher:
             batches = self._read(first_sample)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimtron-data")
-        following = first_sample + self.config.training.global_batch_size
+        following = first_sample + self.steps.size(first_sample)
         self._future = self._pool.submit(self._read, following)
         return batches
 
     def _read(self, first_sample: int) -> list:
         return host_microbatches(self.dataset, first_sample, self.config, self.pstate,
-                                 self.num_microbatches)
+                                 self.steps.count(first_sample))
 
     def _from_loader(self, first_sample: int) -> list:
         if self._loader_iter is None or self._next_first != first_sample:
-            sampler = _StepIndices(first_sample, self.config, self.pstate, self.num_microbatches,
+            sampler = _StepIndices(first_sample, self.config, self.pstate, self.steps,
                                    len(self.dataset))
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                 collate_fn=collate, pin_memory=self.pstate.device.type == "cuda")
             self._loader_iter = iter(loader)
-        return [next(self._loader_iter) for _ in range(self.num_microbatches)]
+        return [next(self._loader_iter) for _ in range(self.steps.count(first_sample))]
 
     def close(self) -> None:
         if self._pool is not None:

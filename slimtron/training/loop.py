@@ -205,21 +205,19 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
     config, pstate = engine.config, engine.pstate
     scalars = ScalarLog(config, pstate)
     control = RunControl(config, pstate)
-    # The prefetcher reads a constant number of micro-batches; a growing batch reads directly.
-    data = None if engine.batch.varies else MicroBatchPrefetcher(
-        engine.datasets[0], config, pstate, engine.num_microbatches)
+    data = MicroBatchPrefetcher(engine.datasets[0], config, pstate, engine.num_microbatches,
+                                engine.batch)
     try:
         _train_loop(engine, data, scalars, control, on_iteration)
     finally:
-        if data is not None:
-            data.close()
+        data.close()
         control.close()
         scalars.close()
     finish_saving(engine)
     return engine.state
 
 
-def _train_loop(engine: Engine, data: Optional[MicroBatchPrefetcher], scalars: ScalarLog,
+def _train_loop(engine: Engine, data: MicroBatchPrefetcher, scalars: ScalarLog,
                 control: RunControl, on_iteration) -> None:
     config, pstate, s = engine.config, engine.pstate, engine.state
     t = config.training
@@ -230,11 +228,7 @@ def _train_loop(engine: Engine, data: Optional[MicroBatchPrefetcher], scalars: S
     while s.iteration < t.train_iters:
         batch_size = _set_batch_size(engine)
         control.before_step()
-        if data is not None:
-            batch = data.get(s.consumed_train_samples)  # the next step's is read meanwhile
-        else:
-            batch = microbatches_for(engine.datasets[0], s.consumed_train_samples, config, pstate,
-                                     engine.num_microbatches)
+        batch = data.get(s.consumed_train_samples)  # the next step's is read meanwhile
         loss, ok, grad_norm = train_step(engine, batch, batch_size if per_sample else 1)
         s.iteration += 1
         s.consumed_train_samples += batch_size

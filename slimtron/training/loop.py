@@ -204,7 +204,7 @@ def train(engine: Engine, on_iteration=None) -> TrainState:
     ``engine.state.exit_reason`` says why it stopped early (None at --train-iters)."""
     config, pstate = engine.config, engine.pstate
     scalars = ScalarLog(config, pstate)
-    control = RunControl(config, pstate)
+    control = RunControl(config, pstate, engine.started)
     data = MicroBatchPrefetcher(engine.datasets[0], config, pstate, engine.num_microbatches,
                                 engine.batch)
     try:

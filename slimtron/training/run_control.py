@@ -43,9 +43,11 @@ def any_rank(flag: bool, pstate: ParallelState) -> bool:
 
 
 class RunControl:
-    def __init__(self, config: Config, pstate: ParallelState):
+    def __init__(self, config: Config, pstate: ParallelState, start: Optional[float] = None):
+        """``start``: the run's start (``time.monotonic()``), from which --exit-duration-in-mins
+        counts (Megatron counts from the start of pretrain, set-up included)."""
         self.training, self.pstate = config.training, pstate
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start
         t = self.training
         self.signals = SignalFlag() if t.exit_signal_handler else None
         if t.manual_gc:  # collections happen where the loop asks, at the same step on every rank

@@ -3,7 +3,8 @@ buffers, optimizer, datasets; and the checkpoint load/save around them."""
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -51,6 +52,7 @@ class Engine:
     num_microbatches: int  # of the current step (it follows the batch schedule)
     available: tuple = (False, False, False)  # which splits exist (same on every rank)
     batch: Optional[BatchSchedule] = None  # global batch size by consumed samples
+    started: float = field(default_factory=time.monotonic)  # --exit-duration-in-mins counts from
     async_saver: Optional[checkpointing.AsyncSaver] = None  # --async-save, made at first save
     teacher: Optional[torch.nn.Module] = None  # --kd-teacher-load, on the last pipeline stage
 
@@ -79,6 +81,7 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
 
     ``training=False`` builds no gradient buffers and no optimizer (evaluation); ``tokenizer``
     replaces the one --tokenizer-type names (the caller has set the model's vocabulary)."""
+    started = time.monotonic()
     p, t = config.parallel, config.training
     device = init_distributed(p.distributed_backend, p.distributed_timeout_minutes)
     world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
@@ -108,7 +111,7 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
         # bucket's reduction starts once each of its parameters has had all its gradients.
         grads.set_microbatches_per_step(num_micro)
     engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
-                    params_dtype, num_micro, batch=batch)
+                    params_dtype, num_micro, batch=batch, started=started)
     if training and t.kd_teacher_load:
         from slimtron.post_training.distillation import load_teacher
         engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,

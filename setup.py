@@ -26,12 +26,14 @@ setup(
     # PR 144744, merged January 2025 after the 2.6 branch cut); the pipeline's backward passes one.
     # Everything the README's tools use: tokenizers (GPT-2 BPE), transformers (HF tokenizers and
     # export), protobuf (sentencepiece's model proto in the HF export), zstandard (.jsonl.zst),
-    # tensorboard (--tensorboard-dir). tiktoken (TikTokenizer) is the "tiktoken" extra.
+    # tensorboard (--tensorboard-dir). tiktoken (TikTokenizer) and wandb (--wandb-project) are
+    # extras of those names; the test extra takes both so that their tests run.
     install_requires=["torch>=2.7", "numpy", "pybind11>=2.10", "sentencepiece", "safetensors",
                       "tokenizers", "transformers", "protobuf", "zstandard", "tensorboard"],
     extras_require={
-        "test": ["pytest", "megatron-core"],
+        "test": ["pytest", "megatron-core", "tiktoken", "wandb"],
         "tiktoken": ["tiktoken"],
+        "wandb": ["wandb"],
     },
     zip_safe=False,
 )

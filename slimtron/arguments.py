@@ -262,6 +262,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
 def config_from_namespace(ns: argparse.Namespace) -> Config:
     """The Config of a namespace from ``build_parser`` (tools add their own flags to it)."""
     given = {k: v for k, v in vars(ns).items() if v is not None}
+    if given.get("tokenizer_type") == "NullTokenizer" and "vocab_size" not in given:
+        # Megatron sizes the null tokenizer from this flag alone; a preset's vocabulary is no answer
+        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size")
     model = _model_config(given, ns.preset)
     sections = {"model": model}
     for section, (cls, flags) in _SECTIONS.items():

@@ -70,6 +70,10 @@ def test_preset_with_overrides():
         _cfg("--num-query-groups 2")
     with pytest.raises(ConfigError, match="unknown --preset"):
         model_preset("llama9")
+    # The null tokenizer is sized by --vocab-size alone, never by a preset's vocabulary.
+    with pytest.raises(ConfigError, match="NullTokenizer needs --vocab-size"):
+        _cfg("--preset tiny-llama --tokenizer-type NullTokenizer")
+    assert _cfg("--tokenizer-type NullTokenizer --vocab-size 500").model.vocab_size == 500
 
 
 def _valid(extra: str = "", world: int = 8, base: str = "--preset tiny-llama --mock-data"):

@@ -25,12 +25,8 @@ import torch.distributed as dist
 from slimtron import memory
 from slimtron.arguments import validate
 from slimtron.config import Config, ConfigError
-from slimtron.model import build_model_chunks
-from slimtron.model.transformer import Recompute
-from slimtron.optim import build_optimizer
-from slimtron.parallel.data_parallel import DataParallelGrads
-from slimtron.training.setup import (DTYPES, Engine, TrainState, build_parallel_state,
-                                     build_tokenizer_for)
+from slimtron.training.setup import (Engine, build_parallel_state, build_tokenizer_for,
+                                     build_training_parts)
 
 ATTENTION_KERNEL = "flash (SDPA flash / flash-attn: q, k, v, output and logsumexp; no s x s scores)"
 META = torch.device("meta")
@@ -89,23 +85,14 @@ def _with_fake_group(config: Config, world_size: int, rank: int):
 
 
 def build_rank(config: Config, device: torch.device = META) -> Engine:
-    """What training builds on this rank (no data, no checkpoint), on ``device``."""
-    p, t = config.parallel, config.training
-    pstate = build_parallel_state(config, device)
-    params_dtype = DTYPES[config.optim.params_dtype_name]
-    chunks = build_model_chunks(config.model, pstate, pstate.virtual_pp_size,
-                                sequence_parallel=p.sequence_parallel, params_dtype=params_dtype,
-                                seed=t.seed, device=device,
-                                recompute=Recompute.from_training_config(t))
-    # (The same steps as slimtron.training.setup.setup, which also needs a device and data.)
-    grads = DataParallelGrads(chunks, pstate, p.bucket_size, p.overlap_grad_reduce,
-                              p.use_distributed_optimizer,
-                              grad_dtype=torch.bfloat16 if p.grad_reduce_in_bf16 else torch.float32)
-    optimizer = build_optimizer(chunks, config.optim, p, pstate, grads, train_iters=t.train_iters)
-    num_micro = t.global_batch_size // (t.micro_batch_size * pstate.dp.size)
-    grads.set_microbatches_per_step(num_micro)
-    return Engine(config, pstate, chunks, grads, optimizer, (None,) * 3, TrainState(),
-                  params_dtype, num_micro)
+    """What training builds on this rank (no data, no checkpoint), on ``device``: the same
+    ``build_training_parts`` as setup(), planned at the full global batch (after any ramp-up)."""
+    engine = build_training_parts(config, build_parallel_state(config, device), device)
+    full = memory.num_microbatches(config)
+    if full != engine.num_microbatches:
+        engine.num_microbatches = full
+        engine.grads.set_microbatches_per_step(full)
+    return engine
 
 
 def meta_microbatch(config: Config, device=META) -> dict:

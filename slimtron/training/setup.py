@@ -90,14 +90,40 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
     validate(config, world)
     pstate = build_parallel_state(config, device)
     seed_default_generators(t.seed, pstate)
-    params_dtype = DTYPES[config.optim.params_dtype_name]
     # A checkpoint about to overwrite every weight: draw no initial values (start-up time).
     weights_from_checkpoint = (bool(t.load) and not t.finetune
                                and checkpointing.latest_iteration(t.load) is not None)
+    engine = build_training_parts(config, pstate, device, training=training,
+                                  initialize=not weights_from_checkpoint)
+    engine.started = started
+    if training and t.kd_teacher_load:
+        from slimtron.post_training.distillation import load_teacher
+        engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,
+                                      sequence_parallel=p.sequence_parallel,
+                                      params_dtype=engine.params_dtype, seed=t.seed)
+        log(pstate, f" distillation from {t.kd_teacher_load}: the training loss (logged as lm "
+                    f"loss) is {t.kd_alpha} * T^2 KL + {1 - t.kd_alpha:g} * LM at T = "
+                    f"{t.kd_temperature}; validation reports the LM loss")
+    if t.load:
+        load(engine)
+    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate,
+                                                       engine.batch.samples_after(t.train_iters))
+    if training and not engine.available[0] and not t.eval_only:
+        raise ConfigError(f"--split {config.data.split} leaves no training data")
+    return engine
+
+
+def build_training_parts(config: Config, pstate: ParallelState, device: torch.device, *,
+                         training: bool = True, initialize: bool = True) -> Engine:
+    """This rank's model chunks, batch schedule and (``training``) gradient buffers and optimizer,
+    on ``device``: an Engine without data or checkpoint. setup() and the dry run both build here.
+    ``initialize=False`` draws no initial weights (a checkpoint will overwrite them)."""
+    p, t = config.parallel, config.training
+    params_dtype = DTYPES[config.optim.params_dtype_name]
     model_chunks = build_model_chunks(
         config.model, pstate, pstate.virtual_pp_size, sequence_parallel=p.sequence_parallel,
         params_dtype=params_dtype, seed=t.seed, device=device,
-        recompute=Recompute.from_training_config(t), initialize=not weights_from_checkpoint)
+        recompute=Recompute.from_training_config(t), initialize=initialize)
     batch = BatchSchedule.from_config(t, pstate.dp.size, config.model.seq_length)
     num_micro = batch.num_microbatches(0)
     grads = optimizer = None
@@ -110,23 +136,8 @@ def setup(config: Config, world_size: Optional[int] = None, *, training: bool = 
         # The pipeline interleaves micro-batches, so "last micro-batch" is per parameter: a
         # bucket's reduction starts once each of its parameters has had all its gradients.
         grads.set_microbatches_per_step(num_micro)
-    engine = Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
-                    params_dtype, num_micro, batch=batch, started=started)
-    if training and t.kd_teacher_load:
-        from slimtron.post_training.distillation import load_teacher
-        engine.teacher = load_teacher(t.kd_teacher_load, config, pstate,
-                                      sequence_parallel=p.sequence_parallel,
-                                      params_dtype=params_dtype, seed=t.seed)
-        log(pstate, f" distillation from {t.kd_teacher_load}: the training loss (logged as lm "
-                    f"loss) is {t.kd_alpha} * T^2 KL + {1 - t.kd_alpha:g} * LM at T = "
-                    f"{t.kd_temperature}; validation reports the LM loss")
-    if t.load:
-        load(engine)
-    engine.datasets, engine.available = build_datasets(config, tokenizer, pstate,
-                                                       batch.samples_after(t.train_iters))
-    if training and not engine.available[0] and not t.eval_only:
-        raise ConfigError(f"--split {config.data.split} leaves no training data")
-    return engine
+    return Engine(config, pstate, model_chunks, grads, optimizer, (None,) * 3, TrainState(),
+                  params_dtype, num_micro, batch=batch)
 
 
 def build_lr_scheduler(config: Config, batch: BatchSchedule) -> OptimizerParamScheduler:

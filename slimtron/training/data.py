@@ -196,8 +196,11 @@ class MicroBatchPrefetcher:
         return batches
 
     def _read(self, first_sample: int) -> list:
-        return host_microbatches(self.dataset, first_sample, self.config, self.pstate,
-                                 self.steps.count(first_sample))
+        batches = host_microbatches(self.dataset, first_sample, self.config, self.pstate,
+                                    self.steps.count(first_sample))
+        if self.pstate.device.type == "cuda":  # pinned: the copy to the GPU runs asynchronously
+            batches = [{key: t.pin_memory() for key, t in batch.items()} for batch in batches]
+        return batches
 
     def _from_loader(self, first_sample: int) -> list:
         if self._loader_iter is None or self._next_first != first_sample:

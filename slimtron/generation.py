@@ -91,7 +91,7 @@ def sample(logits: torch.Tensor, *, greedy: bool, temperature: float, top_k: int
 def _full_vocab_logits(model, vocab_parallel: torch.Tensor) -> torch.Tensor:
     """Last position's logits over the real vocabulary, fp32, identical on every TP rank."""
     last = vocab_parallel[:, -1, :].float().contiguous()
-    full = comm.gather_along(last, -1, model.tp_group)
+    full = comm.gather_along(last, -1, model.tp.group)
     return full[:, :model.config.vocab_size]
 
 
@@ -150,7 +150,7 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int, temperature: floa
         next_tokens = sample(_full_vocab_logits(model, logits), greedy=greedy,
                              temperature=temperature, top_k=top_k, top_p=top_p,
                              generator=generator)
-        next_tokens = _same_on_tp_ranks(next_tokens, model.tp_group)
+        next_tokens = _same_on_tp_ranks(next_tokens, model.tp.group)
         if eod is not None:
             next_tokens = next_tokens.masked_fill(done, eod)
             done |= next_tokens == eod

@@ -57,14 +57,14 @@ def kd_step(pstate, teacher_root):
     tokens, labels, mask = batch()
     logits = student(tokens=tokens)
     per_token = distillation_loss(logits, teacher_logits(teacher, tokens, None), labels, VOCAB,
-                                  temperature=TEMPERATURE, alpha=ALPHA, group=pstate.tp_group)
+                                  temperature=TEMPERATURE, alpha=ALPHA, tp=pstate.tp)
     loss = (per_token * mask).sum() / mask.sum()
     loss.backward()
     grads = {}
     for p in student.parameters():
-        shards = [torch.empty_like(p.grad) for _ in range(pstate.tp_size)]
-        if pstate.tp_size > 1:
-            torch.distributed.all_gather(shards, p.grad.contiguous(), group=pstate.tp_group)
+        shards = [torch.empty_like(p.grad) for _ in range(pstate.tp.size)]
+        if pstate.tp.size > 1:
+            torch.distributed.all_gather(shards, p.grad.contiguous(), group=pstate.tp.group)
         else:
             shards = [p.grad]
         grads[p.global_name] = unshard_like(shards, p)

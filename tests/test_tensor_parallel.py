@@ -77,7 +77,7 @@ def test_tracker_fork_leaves_default_stream_and_states_restore():
 
 def _collectives(pstate):
     """Each collective forward and backward on rank-dependent data (checked in the parent)."""
-    group, r = pstate.tp_group, pstate.tp_rank
+    r = pstate.tp.rank
     ops = {
         "copy_to_tp": comm.copy_to_tp, "reduce_from_tp": comm.reduce_from_tp,
         "scatter_to_tp": comm.scatter_to_tp, "gather_from_tp": comm.gather_from_tp,
@@ -88,7 +88,7 @@ def _collectives(pstate):
     out = {}
     for name, op in ops.items():
         x = (torch.arange(32.0).view(8, 4) * (r + 1)).requires_grad_(True)
-        y = op(x, group)
+        y = op(x, pstate.tp)
         y.backward(torch.ones_like(y) * (r + 1) + torch.arange(y.numel()).view_as(y))
         out[name] = (y.detach(), x.grad)
     return out
@@ -126,7 +126,7 @@ def _train_step(cfg, pstate, sequence_parallel):
     logits = model(tokens).detach()
     loss = model(tokens, labels=labels)
     (loss * weights).sum().backward()
-    allreduce_sequence_parallel_grads(model, pstate.tp_group)
+    allreduce_sequence_parallel_grads(model, pstate.tp.group)
     return {"logits": logits, "loss": loss.detach(),
             "grads": {p.global_name: p.grad for p in model.parameters()}}
 

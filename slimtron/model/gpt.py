@@ -52,7 +52,7 @@ class LanguageModelEmbedding(nn.Module):
                  rng_tracker: RNGStatesTracker, with_positions: bool = True,
                  params_dtype=torch.float32, device=None):
         super().__init__()
-        self.tp_group = pstate.tp_group
+        self.tp = pstate.tp
         self.sequence_parallel = sequence_parallel
         self.dropout = config.hidden_dropout
         self.rng_tracker = rng_tracker
@@ -60,7 +60,7 @@ class LanguageModelEmbedding(nn.Module):
                                        and config.position_embedding_type == "learned_absolute")
         self.reduce_scatter = sequence_parallel and not self.add_position_embedding
         self.word_embeddings = VocabParallelEmbedding(
-            config.padded_vocab_size(pstate.tp_size), config.hidden_size, pstate,
+            config.padded_vocab_size(pstate.tp.size), config.hidden_size, pstate.tp,
             reduce_scatter_embeddings=self.reduce_scatter, params_dtype=params_dtype, device=device)
         if self.add_position_embedding:
             shape = (config.max_position_embeddings, config.hidden_size)
@@ -74,7 +74,7 @@ class LanguageModelEmbedding(nn.Module):
                 x = x + self.position_embeddings(position_ids)
             x = x.transpose(0, 1).contiguous()
             if self.sequence_parallel:
-                x = comm.scatter_to_sequence_parallel(x, self.tp_group)
+                x = comm.scatter_to_sequence_parallel(x, self.tp)
         return hidden_dropout(x, self.dropout, self.training, self.sequence_parallel,
                               self.rng_tracker)
 
@@ -90,15 +90,14 @@ class GPTModel(nn.Module):
                  seed: int = 1234, recompute: RecomputeArg = None,
                  rng_tracker: Optional[RNGStatesTracker] = None, initialize: bool = True):
         super().__init__()
-        validate_parallel_config(config, pstate.tp_size, sequence_parallel=sequence_parallel)
+        validate_parallel_config(config, pstate.tp.size, sequence_parallel=sequence_parallel)
         device = torch.device(device) if device is not None else pstate.device
         layer_numbers = list(range(config.num_layers) if layer_numbers is None else layer_numbers)
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_numbers = layer_numbers
         self.sequence_parallel = sequence_parallel
-        self.tp_group, self.tp_size = pstate.tp_group, pstate.tp_size
-        self.cp = pstate.cp
+        self.tp, self.cp = pstate.tp, pstate.cp
         self.rng_tracker = rng_tracker or RNGStatesTracker.for_rank(seed, pstate, device)
         common = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
 
@@ -116,8 +115,8 @@ class GPTModel(nn.Module):
                                         recompute=as_recompute(recompute), **common)
         if post_process:
             self.output_layer = ColumnParallelLinear(
-                config.hidden_size, config.padded_vocab_size(pstate.tp_size), pstate, bias=False,
-                gather_output=False, skip_weight_param_allocation=tied, **common)
+                config.hidden_size, config.padded_vocab_size(pstate.tp.size), pstate.tp,
+                bias=False, gather_output=False, skip_weight_param_allocation=tied, **common)
 
         for name, param in self.named_parameters():
             param.global_name = name
@@ -158,14 +157,13 @@ class GPTModel(nn.Module):
         logits = self.output_layer(x, weight=self.shared_embedding_or_output_weight())
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size,
-                                            self.tp_group)
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size, self.tp)
         return loss.t().contiguous()
 
     def _check_sequence(self, seq_len: int) -> None:
-        if self.sequence_parallel and seq_len % self.tp_size:
+        if self.sequence_parallel and seq_len % self.tp.size:
             raise ValueError(f"sequence length {seq_len} is not divisible by the "
-                             f"tensor-model-parallel size {self.tp_size} (sequence parallelism)")
+                             f"tensor-model-parallel size {self.tp.size} (sequence parallelism)")
 
     def _default_positions(self, batch: int, seq_len: int, device) -> torch.Tensor:
         """Positions of a local sequence of ``seq_len`` tokens: under context parallelism,
@@ -178,7 +176,7 @@ class GPTModel(nn.Module):
         if self.rotary is None:
             return None
         if position_ids is None:
-            seq_len = x.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+            seq_len = x.shape[0] * (self.tp.size if self.sequence_parallel else 1)
             position_ids = self._default_positions(x.shape[1], seq_len, x.device)
         return self.rotary(position_ids)
 
@@ -190,7 +188,7 @@ def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
                        seed: int = 1234, recompute: RecomputeArg = None,
                        device=None, initialize: bool = True) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), sharing one RNG tracker."""
-    validate_parallel_config(config, pstate.tp_size, pstate.pp_size, virtual_pp_size,
+    validate_parallel_config(config, pstate.tp.size, pstate.pp.size, virtual_pp_size,
                              sequence_parallel)
     device = torch.device(device) if device is not None else pstate.device
     tracker = RNGStatesTracker.for_rank(seed, pstate, device)
@@ -200,7 +198,7 @@ def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
             config, pstate,
             pre_process=pstate.is_first_stage and c == 0,
             post_process=pstate.is_last_stage and c == virtual_pp_size - 1,
-            layer_numbers=chunk_layer_numbers(config.num_layers, pstate.pp_size, pstate.pp_rank,
+            layer_numbers=chunk_layer_numbers(config.num_layers, pstate.pp.size, pstate.pp.rank,
                                               virtual_pp_size, c),
             sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
             seed=seed, recompute=recompute, rng_tracker=tracker, initialize=initialize))

@@ -129,9 +129,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, pstate, *, sequence_parallel: bool,
                  rng_tracker: RNGStatesTracker, selective_recompute: bool, params_dtype, device):
         super().__init__()
-        tp = pstate.tp_size
-        self.heads = divide(config.num_attention_heads, tp, "num attention heads")
-        self.groups = divide(config.num_query_groups, tp, "num query groups")
+        self.heads = divide(config.num_attention_heads, pstate.tp.size, "num attention heads")
+        self.groups = divide(config.num_query_groups, pstate.tp.size, "num query groups")
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
@@ -141,10 +140,10 @@ class SelfAttention(nn.Module):
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         layer = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
         self.linear_qkv = ColumnParallelLinear(
-            config.hidden_size, qkv_size, pstate,
+            config.hidden_size, qkv_size, pstate.tp,
             bias=config.add_bias_linear or config.add_qkv_bias, **layer)
         self.linear_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, pstate,
+            config.num_attention_heads * self.head_dim, config.hidden_size, pstate.tp,
             bias=config.add_bias_linear, input_is_parallel=True, **layer)
 
     def forward(self, x: torch.Tensor, rotary=None, kv_cache=None,
@@ -178,14 +177,14 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, pstate, *, sequence_parallel: bool, params_dtype, device):
         super().__init__()
-        divide(config.ffn_hidden_size, pstate.tp_size, "ffn hidden size")
+        divide(config.ffn_hidden_size, pstate.tp.size, "ffn hidden size")
         self.swiglu = config.swiglu
         chunks = 2 if config.swiglu else 1
         layer = dict(bias=config.add_bias_linear, sequence_parallel=sequence_parallel,
                      params_dtype=params_dtype, device=device)
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, chunks * config.ffn_hidden_size,
-                                               pstate, partition_chunks=chunks, **layer)
-        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, pstate,
+                                               pstate.tp, partition_chunks=chunks, **layer)
+        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, pstate.tp,
                                             input_is_parallel=True, **layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Autograd-aware collectives for tensor and sequence parallelism.
 
-Every function takes the process group explicitly (``pstate.tp_group``); a ``None`` group or a group
-of size one means "nothing to communicate" and the function returns its input unchanged, so the same
-model code runs in one process without any process group.
+The tensor-parallel region functions take the axis they act on (``pstate.tp``); the plain
+collectives take a process group. A ``None`` group (or the axis's) or a group of size one means
+"nothing to communicate" and the function returns its input unchanged, so the same model code runs
+in one process without any process group.
 
 Naming follows Megatron: ``copy_to_tp`` enters a tensor-parallel region (identity forward,
 all-reduce backward), ``reduce_from_tp`` leaves one (all-reduce forward, identity backward); the
@@ -10,10 +11,13 @@ sequence-parallel pair gathers / reduce-scatters along the sequence dimension 0.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from slimtron.parallel.state import Axis
 
 Group = Optional[dist.ProcessGroup]
 
@@ -182,38 +186,40 @@ def _active(group: Group) -> bool:
     return group_size(group) > 1
 
 
-def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+def copy_to_tp(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward."""
-    return _CopyToTP.apply(x, group) if _active(group) else x
+    return _CopyToTP.apply(x, tp.group) if _active(tp.group) else x
 
 
-def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+def reduce_from_tp(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """All-reduce forward, identity backward."""
-    return _ReduceFromTP.apply(x, group) if _active(group) else x
+    return _ReduceFromTP.apply(x, tp.group) if _active(tp.group) else x
 
 
-def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+def scatter_to_tp(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """Keep this rank's slice of the last dim forward; all-gather it backward."""
-    return _ScatterToTP.apply(x, group) if _active(group) else x
+    return _ScatterToTP.apply(x, tp.group) if _active(tp.group) else x
 
 
-def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+def gather_from_tp(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """All-gather along the last dim forward; keep this rank's slice backward."""
-    return _GatherFromTP.apply(x, group) if _active(group) else x
+    return _GatherFromTP.apply(x, tp.group) if _active(tp.group) else x
 
 
-def scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
+def scatter_to_sequence_parallel(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """Keep this rank's slice of dim 0 (sequence) forward; all-gather backward."""
-    return _ScatterToSP.apply(x, group) if _active(group) else x
+    return _ScatterToSP.apply(x, tp.group) if _active(tp.group) else x
 
 
-def gather_from_sequence_parallel(x: torch.Tensor, group: Group,
+def gather_from_sequence_parallel(x: torch.Tensor, tp: "Axis",
                                   tensor_parallel_output_grad: bool = True) -> torch.Tensor:
     """All-gather along dim 0 forward; reduce-scatter backward (or split, when the consumer of the
     gathered tensor is not tensor-parallel and every rank already has the full gradient)."""
-    return _GatherFromSP.apply(x, group, tensor_parallel_output_grad) if _active(group) else x
+    if not _active(tp.group):
+        return x
+    return _GatherFromSP.apply(x, tp.group, tensor_parallel_output_grad)
 
 
-def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
+def reduce_scatter_to_sequence_parallel(x: torch.Tensor, tp: "Axis") -> torch.Tensor:
     """Sum over ranks and keep this rank's slice of dim 0 forward; all-gather backward."""
-    return _ReduceScatterToSP.apply(x, group) if _active(group) else x
+    return _ReduceScatterToSP.apply(x, tp.group) if _active(tp.group) else x

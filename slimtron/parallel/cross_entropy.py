@@ -8,10 +8,18 @@ All math is fp32.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
 from slimtron.parallel import comm
+from slimtron.parallel.state import Axis
+
+
+def _group(tp: Optional[Axis]):
+    """The tensor-parallel group (None: one process, nothing to reduce)."""
+    return None if tp is None else tp.group
 
 
 def _mask_padding(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> None:
@@ -58,7 +66,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
-                                 group=None) -> torch.Tensor:
+                                 tp: Optional[Axis] = None) -> torch.Tensor:
     """Per-token fp32 loss, shaped like ``target``.
 
     ``logits``: ``[..., padded_vocab / tp]`` on each TP rank (rank r holds rows r*V/tp onward).
@@ -67,7 +75,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"cross entropy: logits {tuple(logits.shape)} do not match "
                          f"target {tuple(target.shape)}")
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, group)
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_size, _group(tp))
 
 
 # ---- distillation: KL(teacher || student) over vocab-parallel logits ---------------------------
@@ -109,7 +117,7 @@ class _VocabParallelKL(torch.autograd.Function):
 
 def vocab_parallel_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                  vocab_size: int, temperature: float = 1.0,
-                                 group=None) -> torch.Tensor:
+                                 tp: Optional[Axis] = None) -> torch.Tensor:
     """Per-token fp32 ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, shaped like the
     logits without their last dimension (Hinton et al.'s T^2 keeps the gradient's scale
     independent of T). Both inputs hold this rank's ``padded_vocab / tp`` columns; only
@@ -121,4 +129,4 @@ def vocab_parallel_kl_divergence(student_logits: torch.Tensor, teacher_logits: t
     if not temperature > 0:
         raise ValueError(f"distillation: temperature must be positive, got {temperature}")
     return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), vocab_size,
-                                  float(temperature), group)
+                                  float(temperature), _group(tp))

@@ -2,8 +2,9 @@
 
 Layers create their parameters empty (on any device, ``meta`` included) and tag them with the
 attributes of docs/CONVENTIONS.md; the model fills them afterwards from (seed, global name)
-(``slimtron.model.init``). Shapes come from ``pstate.tp_size``/``tp_rank``, communication from
-``pstate.tp_group`` so a planning state (sizes, no groups) builds the same shapes without talking.
+(``slimtron.model.init``). Each layer receives the tensor-parallel axis (``pstate.tp``): shapes
+come from its size and rank, communication from its group, so a planning state (sizes, no groups)
+builds the same shapes without talking.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from slimtron.config import ConfigError
 from slimtron.parallel import comm
+from slimtron.parallel.state import Axis
 
 
 def set_parallel_attributes(param: nn.Parameter, *, full_shape, tensor_model_parallel: bool = False,
@@ -53,21 +55,21 @@ class VocabParallelEmbedding(nn.Module):
     output ``[b, s, h]`` after the all-reduce, or ``[s/tp, b, h]`` with ``reduce_scatter_embeddings``.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, pstate, *,
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: Axis, *,
                  reduce_scatter_embeddings: bool = False, params_dtype=torch.float32, device=None):
         super().__init__()
-        self.tp_group = pstate.tp_group
+        self.tp = tp
         self.num_embeddings = num_embeddings
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
-        per_rank = divide(num_embeddings, pstate.tp_size, "padded vocabulary size")
-        self.vocab_start = pstate.tp_rank * per_rank
+        per_rank = divide(num_embeddings, tp.size, "padded vocabulary size")
+        self.vocab_start = tp.rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
         self.weight = empty_parameter((per_rank, embedding_dim), params_dtype, device)
         set_parallel_attributes(self.weight, full_shape=(num_embeddings, embedding_dim),
                                 tensor_model_parallel=True, partition_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if comm.group_size(self.tp_group) > 1:
+        if comm.group_size(self.tp.group) > 1:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
@@ -75,8 +77,8 @@ class VocabParallelEmbedding(nn.Module):
             out = F.embedding(ids, self.weight)
         if self.reduce_scatter_embeddings:
             return comm.reduce_scatter_to_sequence_parallel(out.transpose(0, 1).contiguous(),
-                                                            self.tp_group)
-        return comm.reduce_from_tp(out, self.tp_group)
+                                                            self.tp)
+        return comm.reduce_from_tp(out, self.tp)
 
 
 class _LinearWithTPInput(torch.autograd.Function):
@@ -121,7 +123,7 @@ class ColumnParallelLinear(nn.Module):
     [gate_r; up_r]. ``skip_weight_param_allocation``: the weight is passed to forward (tied output).
     """
 
-    def __init__(self, input_size: int, output_size: int, pstate, *, bias: bool = True,
+    def __init__(self, input_size: int, output_size: int, tp: Axis, *, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  partition_chunks: int = 1, skip_weight_param_allocation: bool = False,
                  params_dtype=torch.float32, device=None):
@@ -129,11 +131,11 @@ class ColumnParallelLinear(nn.Module):
         if gather_output and (sequence_parallel or partition_chunks > 1):
             raise ConfigError("ColumnParallelLinear: gather_output cannot be combined with "
                               "sequence_parallel or partition_chunks > 1")
-        self.tp_group = pstate.tp_group
+        self.tp = tp
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
         self.input_size, self.output_size = input_size, output_size
-        per_rank = divide(output_size, pstate.tp_size * partition_chunks,
+        per_rank = divide(output_size, tp.size * partition_chunks,
                           "column-parallel output size" + (f" / {partition_chunks} chunks"
                                                             if partition_chunks > 1 else ""))
         per_rank *= partition_chunks
@@ -155,13 +157,13 @@ class ColumnParallelLinear(nn.Module):
         if weight is None:
             raise ValueError("ColumnParallelLinear built with skip_weight_param_allocation needs "
                              "the weight passed to forward")
-        if comm.group_size(self.tp_group) > 1:
-            out = _LinearWithTPInput.apply(x, weight, self.bias, self.tp_group,
+        if comm.group_size(self.tp.group) > 1:
+            out = _LinearWithTPInput.apply(x, weight, self.bias, self.tp.group,
                                            self.sequence_parallel)
         else:
             out = F.linear(x, weight, self.bias)
         if self.gather_output:
-            out = comm.gather_from_tp(out, self.tp_group)
+            out = comm.gather_from_tp(out, self.tp)
         return out
 
 
@@ -172,17 +174,17 @@ class RowParallelLinear(nn.Module):
     sequence parallelism) and the bias, replicated, is added after the reduction.
     """
 
-    def __init__(self, input_size: int, output_size: int, pstate, *, bias: bool = True,
+    def __init__(self, input_size: int, output_size: int, tp: Axis, *, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  params_dtype=torch.float32, device=None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ConfigError("RowParallelLinear: sequence_parallel needs input_is_parallel")
-        self.tp_group = pstate.tp_group
+        self.tp = tp
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
         self.input_size, self.output_size = input_size, output_size
-        per_rank = divide(input_size, pstate.tp_size, "row-parallel input size")
+        per_rank = divide(input_size, tp.size, "row-parallel input size")
         self.weight = empty_parameter((output_size, per_rank), params_dtype, device)
         set_parallel_attributes(self.weight, full_shape=(output_size, input_size),
                                 tensor_model_parallel=True, partition_dim=1)
@@ -195,10 +197,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = comm.scatter_to_tp(x, self.tp_group)
+            x = comm.scatter_to_tp(x, self.tp)
         out = F.linear(x, self.weight)
         if self.sequence_parallel:
-            out = comm.reduce_scatter_to_sequence_parallel(out, self.tp_group)
+            out = comm.reduce_scatter_to_sequence_parallel(out, self.tp)
         else:
-            out = comm.reduce_from_tp(out, self.tp_group)
+            out = comm.reduce_from_tp(out, self.tp)
         return out if self.bias is None else out + self.bias

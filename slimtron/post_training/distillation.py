@@ -20,6 +20,7 @@ import torch
 
 from slimtron import checkpointing
 from slimtron.config import Config, ConfigError, ModelConfig
+from slimtron.parallel.state import Axis
 from slimtron.parallel.cross_entropy import (vocab_parallel_cross_entropy,
                                              vocab_parallel_kl_divergence)
 
@@ -82,7 +83,7 @@ def load_teacher(teacher_dir: str, student: Config, pstate, *, sequence_parallel
                           f"max_position_embeddings {model_cfg.max_position_embeddings}")
     model_cfg.hidden_dropout = model_cfg.attention_dropout = 0.0
     try:
-        validate_parallel_config(model_cfg, pstate.tp_size, sequence_parallel=sequence_parallel)
+        validate_parallel_config(model_cfg, pstate.tp.size, sequence_parallel=sequence_parallel)
     except ConfigError as e:
         raise ConfigError(f"--kd-teacher-load {teacher_dir}: the teacher {e}") from None
     if pstate.cp.size > 1:
@@ -109,23 +110,23 @@ def teacher_logits(teacher, tokens: torch.Tensor, position_ids: Optional[torch.T
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor, vocab_size: int, *, temperature: float, alpha: float,
-                      group=None) -> torch.Tensor:
+                      tp: Optional[Axis] = None) -> torch.Tensor:
     """Per-token fp32 loss ``[b, s]``: ``alpha * T^2 KL + (1 - alpha) * CE`` (mask and average
     are the caller's, as for the LM loss)."""
     kd = vocab_parallel_kl_divergence(student_logits, teacher_logits, vocab_size, temperature,
-                                      group)
+                                      tp)
     if alpha == 1.0:
         return kd
-    ce = vocab_parallel_cross_entropy(student_logits, labels, vocab_size, group)
+    ce = vocab_parallel_cross_entropy(student_logits, labels, vocab_size, tp)
     return alpha * kd + (1.0 - alpha) * ce
 
 
 def micro_batch_loss(student_logits: torch.Tensor, teacher, batch: dict, config: Config,
-                     group=None) -> torch.Tensor:
+                     tp: Optional[Axis] = None) -> torch.Tensor:
     """The per-token training loss of one micro-batch under --kd-teacher-load: the teacher reads
     the same tokens, positions and document segments as the student."""
     t = config.training
     target = teacher_logits(teacher, batch["tokens"], batch["position_ids"],
                             segment_ids=batch.get("segment_ids"))
     return distillation_loss(student_logits, target, batch["labels"], config.model.vocab_size,
-                             temperature=t.kd_temperature, alpha=t.kd_alpha, group=group)
+                             temperature=t.kd_temperature, alpha=t.kd_alpha, tp=tp)

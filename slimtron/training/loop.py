@@ -55,7 +55,7 @@ def make_forward_step(engine: Engine, loss_scale: float, forward_only: bool = Fa
         if not model.post_process:
             return out
         if distil:
-            out = micro_batch_loss(out, teacher, batch, engine.config, engine.pstate.tp.group)
+            out = micro_batch_loss(out, teacher, batch, engine.config, engine.pstate.tp)
         mask = batch["loss_mask"].float()
         if per_token:
             if token_counts is not None:

@@ -198,7 +198,7 @@ def measure_rank(rank, world, config):
     marks = []
     train(engine, on_iteration=lambda iteration, loss, norm: marks.append(bytes_written()))
     s = engine.pstate
-    return {"sent": marks[1] - marks[0], "coords": (s.pp_rank, s.dp_rank, s.tp_rank)}
+    return {"sent": marks[1] - marks[0], "coords": (s.pp.rank, s.dp.rank, s.tp.rank)}
 
 
 # ---------------------------------------------------------------------------------- analytic

@@ -57,7 +57,7 @@ def full_toy_params(seed: int = 0) -> dict:
 def _param(full: torch.Tensor, name: str, dtype, pstate, partition_dim=None):
     tensor = full
     if partition_dim is not None:
-        tensor = full.chunk(pstate.tp_size, partition_dim)[pstate.tp_rank]
+        tensor = full.chunk(pstate.tp.size, partition_dim)[pstate.tp.rank]
     param = torch.nn.Parameter(tensor.to(dtype).clone())
     param.tensor_model_parallel = partition_dim is not None
     param.partition_dim = partition_dim if partition_dim is not None else -1
@@ -73,7 +73,7 @@ class ToyTPModel(torch.nn.Module):
 
     def __init__(self, pstate, full: dict, dtype=torch.float32):
         super().__init__()
-        self.group = pstate.tp_group
+        self.group = pstate.tp.group
         self.dtype = dtype
         self.norm_weight = _param(full["norm.weight"], "norm.weight", dtype, pstate)
         self.fc1_weight = _param(full["fc1.weight"], "fc1.weight", dtype, pstate, partition_dim=0)
@@ -96,9 +96,9 @@ def unsharded_params(model, pstate) -> dict:
     out = {}
     for param in model.parameters():
         tensor = param.detach().float()
-        if param.tensor_model_parallel and pstate.tp_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(pstate.tp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=pstate.tp_group)
+        if param.tensor_model_parallel and pstate.tp.size > 1:
+            parts = [torch.empty_like(tensor) for _ in range(pstate.tp.size)]
+            dist.all_gather(parts, tensor.contiguous(), group=pstate.tp.group)
             tensor = torch.cat(parts, dim=param.partition_dim)
         out[param.global_name] = tensor
     return out
@@ -116,7 +116,7 @@ def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, count_mic
     the number of micro-batches per step."""
     model = ToyTPModel(pstate, full_toy_params(), dtype)
     grads = DataParallelGrads([model], pstate, bucket_size, overlap, dist_opt)
-    per_rank = GLOBAL_BATCH // pstate.dp_size
+    per_rank = GLOBAL_BATCH // pstate.dp.size
     if count_microbatches:
         grads.set_microbatches_per_step(per_rank // micro_batch)
     opt = build_optimizer([model], OptimizerConfig(**{**OPTIM, **optim}),
@@ -126,8 +126,8 @@ def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, count_mic
     losses, norms, overlap_started = [], [], []
     for step in range(steps):
         x, y = toy_batch(step)
-        x = x[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
-        y = y[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
+        x = x[pstate.dp.rank * per_rank:(pstate.dp.rank + 1) * per_rank]
+        y = y[pstate.dp.rank * per_rank:(pstate.dp.rank + 1) * per_rank]
         opt.zero_grad()
         pieces = list(zip(x.split(micro_batch), y.split(micro_batch)))
         total = torch.zeros(())
@@ -143,9 +143,9 @@ def train_toy(pstate, dist_opt: bool, overlap: bool, micro_batch: int, count_mic
         grads.finish_grad_sync()
         ok, norm, _ = opt.step()
         assert ok
-        if pstate.dp_group is not None:
-            dist.all_reduce(total, group=pstate.dp_group)
-        losses.append(total.item() / pstate.dp_size)
+        if pstate.dp.group is not None:
+            dist.all_reduce(total, group=pstate.dp.group)
+        losses.append(total.item() / pstate.dp.size)
         norms.append(norm)
     return losses, norms, unsharded_params(model, pstate), all(overlap_started)
 
@@ -269,9 +269,9 @@ def _parity_worker(rank, world):
     results = {}
     for tp in (2, 1):
         pstate = ParallelState.build(tp=tp)
-        micro_batch = GLOBAL_BATCH // pstate.dp_size // 2  # two micro-batches per rank
+        micro_batch = GLOBAL_BATCH // pstate.dp.size // 2  # two micro-batches per rank
         for dist_opt, overlap, count in LAYOUTS:
-            results[(tp, pstate.dp_size, dist_opt, overlap, count)] = train_toy(
+            results[(tp, pstate.dp.size, dist_opt, overlap, count)] = train_toy(
                 pstate, dist_opt, overlap, micro_batch, count)
     return results
 

@@ -93,7 +93,7 @@ def _timeout_rank(rank: int, port: int, results):
         time.sleep(600)  # never joins; the parent kills it
         return
     outcomes = []
-    for name, group in (("world", None), ("tensor-parallel group", pstate.tp_group)):
+    for name, group in (("world", None), ("tensor-parallel group", pstate.tp.group)):
         try:
             dist.all_reduce(torch.ones(1), group=group)
             outcomes.append((name, None))

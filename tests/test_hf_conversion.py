@@ -71,7 +71,7 @@ def perturb(chunks, cfg: ModelConfig, pstate):
             noise = torch.randn(p.full_shape, generator=g) * 0.3
             if p.global_name in hf_mapping.VOCAB_PARAMS:
                 noise[cfg.vocab_size:] = 0
-            p.add_(shard_like(noise, p, pstate.tp_size, pstate.tp_rank))
+            p.add_(shard_like(noise, p, pstate.tp.size, pstate.tp.rank))
 
 
 def reference_model(cfg: ModelConfig):

@@ -35,7 +35,7 @@ def measured_layer_bytes(pstate, sp, recompute, dtype=torch.bfloat16) -> float:
     torch.manual_seed(0)
     model = GPTModel(LLAMA, pstate, pre_process=False, post_process=False, sequence_parallel=sp,
                      params_dtype=dtype, recompute=recompute)
-    s = LLAMA.seq_length // (pstate.tp_size if sp else 1)
+    s = LLAMA.seq_length // (pstate.tp.size if sp else 1)
     x = torch.randn(s, MICRO_BATCH, LLAMA.hidden_size, dtype=dtype, requires_grad=True)
     positions = torch.arange(LLAMA.seq_length).unsqueeze(0).expand(MICRO_BATCH, -1)
     rotary = model.rotary(positions)

@@ -231,7 +231,7 @@ def _pipeline_worker(rank, world):
         model(hidden_states=x, labels=labels).mean().backward()
         dist.send(x.grad, pstate.prev_stage_rank)
     before = model.embedding.word_embeddings.weight.grad.clone()
-    allreduce_embedding_grads([model], pstate.embedding_group)
+    allreduce_embedding_grads([model], pstate.embedding.group)
     return {"embedding_before": before,
             "grads": {p.global_name: p.grad for p in model.parameters()}}
 

@@ -69,7 +69,7 @@ def pipelined(pstate, m, v, seed):
     """The same training on this stage's chunks through forward_backward, with a forward-only
     pass before each step; also reports whether every sent output was freed."""
     layers = toy_layers()
-    ids = chunk_layer_ids(pstate.pp_size, pstate.pp_rank, v)
+    ids = chunk_layer_ids(pstate.pp.size, pstate.pp.rank, v)
     chunks = [torch.nn.Sequential(*(layers[i] for i in chunk)) for chunk in ids]
     data = toy_microbatches(m, seed)
     last_chunk = pstate.is_last_stage
@@ -110,8 +110,8 @@ def run_layouts(rank, world, layouts):
     for pp, cases in layouts.items():
         pstate = ParallelState.build(pp=pp)
         for v, m in cases:
-            results[(pp, v, m)] = (pstate.pp_rank, pstate.dp_rank,
-                                   pipelined(pstate, m, v, seed=100 + pstate.dp_rank))
+            results[(pp, v, m)] = (pstate.pp.rank, pstate.dp.rank,
+                                   pipelined(pstate, m, v, seed=100 + pstate.dp.rank))
     return results
 
 

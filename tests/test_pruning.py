@@ -135,7 +135,7 @@ def _logits_at_tp2(rank, world, root):
     with torch.no_grad():
         local = model(tokens=tokens())
     parts = [torch.empty_like(local) for _ in range(2)]
-    torch.distributed.all_gather(parts, local, group=pstate.tp_group)
+    torch.distributed.all_gather(parts, local, group=pstate.tp.group)
     return torch.cat(parts, dim=-1)[..., :VOCAB]
 
 

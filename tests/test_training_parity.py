@@ -44,12 +44,12 @@ def _train_layout(rank, world, config):
     losses = []
     train(engine, on_iteration=lambda it, loss, norm: losses.append((loss, norm)))
     shards = {}
-    if engine.pstate.dp_rank == 0:
+    if engine.pstate.dp.rank == 0:
         for chunk in engine.model_chunks:
             for p in chunk.parameters():
                 shards[p.global_name] = (p.detach().clone(), bool(p.tensor_model_parallel),
                                          p.partition_dim, getattr(p, "partition_chunks", 1))
-    return engine.pstate.tp_rank, losses, shards
+    return engine.pstate.tp.rank, losses, shards
 
 
 def full_params(results) -> dict:

@@ -29,7 +29,7 @@ class StageLink:
     def __init__(self, pstate, tensor_shape: Sequence[int], dtype: torch.dtype):
         self.next_rank = pstate.next_stage_rank
         self.prev_rank = pstate.prev_stage_rank
-        self.group = pstate.pp_group
+        self.group = pstate.pp.group
         self.device = pstate.device
         self.shape = torch.Size(tensor_shape)
         self.dtype = dtype

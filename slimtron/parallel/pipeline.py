@@ -41,7 +41,7 @@ def forward_backward(model_chunks: Sequence[torch.nn.Module], forward_step: Forw
     """
     if not model_chunks:
         raise ValueError("forward_backward needs at least one model chunk")
-    schedule = build_schedule(pstate.pp_size, pstate.pp_rank, len(microbatches), len(model_chunks),
+    schedule = build_schedule(pstate.pp.size, pstate.pp.rank, len(microbatches), len(model_chunks),
                               forward_only)
     run = _StageRun(forward_step, microbatches, len(model_chunks), pstate.is_last_stage,
                     forward_only, link or StageLink(pstate, tensor_shape, dtype))

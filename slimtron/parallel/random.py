@@ -108,12 +108,12 @@ def checkpoint_with_rng(fn, tracker: RNGStatesTracker, *args):
 
 
 def model_parallel_seed(seed: int, pstate) -> int:
-    return seed + TP_SEED_OFFSET + pstate.tp_rank + PP_SEED_STRIDE * pstate.pp_rank
+    return seed + TP_SEED_OFFSET + pstate.tp.rank + PP_SEED_STRIDE * pstate.pp.rank
 
 
 def default_seed(seed: int, pstate) -> int:
     """Seed of the default generators: equal over TP (and DP) ranks, different per pipeline stage."""
-    return seed + PP_SEED_STRIDE * pstate.pp_rank
+    return seed + PP_SEED_STRIDE * pstate.pp.rank
 
 
 def seed_default_generators(seed: int, pstate) -> None:

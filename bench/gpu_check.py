@@ -79,7 +79,7 @@ def _batch(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 0):
     return tokens.to(device), torch.roll(tokens, -1, dims=1).to(device)
 
 
-# ---- 1. parity ------------------------------------------------------------------------------------
+# ---- 1. parity ---------------------------------------------------------------------------------
 def check_model(report: Report, device: torch.device) -> None:
     cfg = small_llama()
     results = []

@@ -61,7 +61,8 @@ class StepCounter(TorchDispatchMode):
     def watching(self, monkeypatch):
         names = self.PYTHON_READS + (() if self.dispatch else self.SCALAR_READS)
         for name in names:
-            monkeypatch.setattr(torch.Tensor, name, self._recording(name, getattr(torch.Tensor, name)))
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._recording(name, real))
         real_to = torch.Tensor.to
 
         def to(tensor, *args, **kwargs):
@@ -253,7 +254,8 @@ def test_prefetched_micro_batches_are_the_same_samples(num_workers):
     try:
         # In order, then a jump (a resumed run), then on from there to the last sample.
         for first in [0, gbs, 2 * gbs, 6 * gbs, 7 * gbs, 8 * gbs, 9 * gbs]:
-            got, expected = prefetcher.get(first), microbatches_for(dataset, first, config, pstate, 3)
+            got = prefetcher.get(first)
+            expected = microbatches_for(dataset, first, config, pstate, 3)
             assert len(got) == len(expected) == 3
             for a, b in zip(got, expected):
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -263,7 +265,7 @@ def test_prefetched_micro_batches_are_the_same_samples(num_workers):
         prefetcher.close()
 
 
-# ---- the one-GPU check, run here at tiny sizes on the CPU -----------------------------------------
+# ---- the one-GPU check, run here at tiny sizes on the CPU --------------------------------------
 def test_gpu_check_script_runs_with_cpu():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--cpu"], cwd=root,

@@ -79,7 +79,8 @@ def _draw_rows(global_name: str, full_shape, dim: int, rows: range, config: Mode
 
 
 def initial_shard(global_name: str, full_shape, config: ModelConfig, seed: int, *,
-                  dim: int = 0, chunks: int = 1, tp_size: int = 1, tp_rank: int = 0) -> torch.Tensor:
+                  dim: int = 0, chunks: int = 1, tp_size: int = 1,
+                  tp_rank: int = 0) -> torch.Tensor:
     """TP rank ``tp_rank``'s shard (``sharding.shard`` layout) of the full fp32 (CPU) initial value
     of a parameter, by the rules of its name: zeros for biases, ones for norm weights, normal(0,
     std) for weights, the output projections (linear_proj, linear_fc2) scaled by 1/sqrt(2 *
@@ -94,9 +95,9 @@ def initial_shard(global_name: str, full_shape, config: ModelConfig, seed: int, 
         return (torch.zeros if config.apply_layernorm_1p else torch.ones)(shape, device="cpu")
     per_chunk = full_shape[dim] // chunks
     piece = per_chunk // tp_size
-    pieces = [_draw_rows(global_name, full_shape, dim,
-                         range(c * per_chunk + tp_rank * piece, c * per_chunk + (tp_rank + 1) * piece),
-                         config, seed, chunks) for c in range(chunks)]
+    starts = [c * per_chunk + tp_rank * piece for c in range(chunks)]
+    pieces = [_draw_rows(global_name, full_shape, dim, range(start, start + piece), config, seed,
+                         chunks) for start in starts]
     return torch.cat(pieces, dim=dim) if chunks > 1 else pieces[0]
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import uuid
@@ -56,15 +55,15 @@ def index_dtype(largest_value: int) -> np.dtype:
 
 def parse_split(split: str) -> list[float]:
     """"969,30,1" -> normalised train/valid/test fractions (missing trailing parts are 0).
-    The numbers are read with Megatron's regex, so "'99,1,0'" (quotes inside the value, as
-    Megatron's Llama example passes it) reads as 99,1,0."""
-    try:
-        values = [float(p) for p in re.findall(r"[.0-9]+", str(split))]
-    except ValueError:
-        values = []
-    if not values:
+    Quotes around the value ("'99,1,0'", as Megatron's Llama example passes it) and Megatron's
+    "/" separator are accepted; anything else that is not a number (a sign, a letter) is an error
+    rather than being skipped as Megatron's regex skips it."""
+    text = str(split).strip().strip("'\"").strip()
+    parts = re.split(r"\s*[,/]\s*", text)
+    if not text or not all(re.fullmatch(r"[0-9]*\.?[0-9]+", p) for p in parts):
         raise ConfigError(f"--split {split!r}: expected up to three comma-separated numbers")
-    if not 1 <= len(values) <= 3 or any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
+    values = [float(p) for p in parts]
+    if len(values) > 3 or sum(values) <= 0:
         raise ConfigError(f"--split {split!r}: expected one to three non-negative numbers with a "
                           "positive sum")
     values += [0.0] * (3 - len(values))

@@ -16,8 +16,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, TrainingConfig, model_preset,
-                             parse_blend)
+                             OptimizerConfig, ParallelConfig, TrainingConfig, model_preset)
 
 class _JoinedWords(argparse.Action):
     """One string from one or more words: Megatron's GPT-3 example expands its

@@ -6,6 +6,7 @@ CLI in ``slimtron.arguments`` is a thin mapping. Derived quantities are properti
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import warnings
@@ -514,11 +515,9 @@ def check_logging(training: TrainingConfig) -> None:
         return
     if not training.wandb_exp_name:
         raise ConfigError("--wandb-project needs --wandb-exp-name (the run's name), as in Megatron")
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb-project: the wandb package is not installed (pip install "
-                          "wandb); nothing could be logged to Weights & Biases") from None
+                          "wandb); nothing could be logged to Weights & Biases")
 
 
 def check_profile(training: TrainingConfig) -> None:

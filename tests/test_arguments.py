@@ -3,8 +3,8 @@ import shlex
 
 import pytest
 
-from slimtron.arguments import parse_args, parse_blend, to_argv, validate
-from slimtron.config import Config, ConfigError, model_preset
+from slimtron.arguments import parse_args, to_argv, validate
+from slimtron.config import Config, ConfigError, model_preset, parse_blend
 
 MEGATRON_7B = """
     --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32

@@ -5,7 +5,6 @@ all ranks together, so that they all save the same checkpoint and leave at the s
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import time
 from pathlib import Path

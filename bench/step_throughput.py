@@ -21,6 +21,7 @@ measured).
 
 Usage: python bench/step_throughput.py [--preset llama-100m] [--micro-batch-size 4]
                                        [--seq-length 512] [--warmup 2] [--steps 5]
+                                       [--compile-layers]
 """
 from __future__ import annotations
 
@@ -48,8 +49,13 @@ from slimtron.parallel.state import ParallelState  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_slimtron(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> GPTModel:
-    return GPTModel(cfg, ParallelState.single(device), params_dtype=dtype, device=device)
+def build_slimtron(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                   compile_layers: bool = False) -> GPTModel:
+    model = GPTModel(cfg, ParallelState.single(device), params_dtype=dtype, device=device)
+    if compile_layers:  # torch.compile of each transformer layer (compiled in the warm-up)
+        for layer in model.decoder.layers.values():
+            layer.compile()
+    return model
 
 
 @torch.no_grad()
@@ -151,7 +157,7 @@ def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length), device=device)
     labels = torch.roll(tokens, -1, dims=1)
-    ours = build_slimtron(cfg, dtype, device)
+    ours = build_slimtron(cfg, dtype, device, getattr(args, "compile_layers", False))
     theirs = build_hf_copy(cfg, ours, device)
     autocast = dtype if dtype_name != "fp32" else None
     with torch.no_grad():
@@ -192,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="torch.compile each of slimtron's transformer layers (HF stays eager)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 is steadier on busy cores")
     return parser.parse_args(argv)
@@ -211,7 +219,7 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} threads; {per_token / 1e6:.1f} MFLOP per token (train); "
           f"{args.steps} timed steps after {args.warmup} warm-up; slimtron: distributed optimizer "
           f"(dp=1, fp32 main params); HF: autocast over fp32 weights, torch AdamW; both clip "
-          f"to {CLIP}")
+          f"to {CLIP}" + ("; slimtron's layers torch.compiled" if args.compile_layers else ""))
     for dtype_name in args.dtypes:
         print("\n".join(format_result(bench_dtype(cfg, dtype_name, args, device), per_token)),
               flush=True)

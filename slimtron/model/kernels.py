@@ -26,9 +26,6 @@ HAVE_FLASH_ATTN = _flash_attn_func is not None
 HAVE_APEX_NORM = _apex_layer_norm is not None
 
 
-# F.scaled_dot_product_attention takes enable_gqa from torch 2.5 on (torch >= 2.4 is required).
-SDPA_NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2's largest supported head dimension
 
 
@@ -75,13 +72,8 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     d]``, k and v ``[len, b, groups, d]``); returns ``[s, b, heads * d]``."""
     s, b, heads, d = q.shape
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, len, d]
-    per_group = heads // k.shape[1]
-    gqa = {}
-    if per_group > 1 and SDPA_NATIVE_GQA:
-        gqa = {"enable_gqa": True}  # the kernel reads each group's k/v: no expanded copies
-    elif per_group > 1:
-        k = k.repeat_interleave(per_group, dim=1)
-        v = v.repeat_interleave(per_group, dim=1)
+    # enable_gqa: the kernel reads each group's k/v, with no copies expanded to every head
+    gqa = {"enable_gqa": True} if heads > k.shape[1] else {}
     if q.device.type == "meta":
         # The dry run (slimtron.dry_run): on meta SDPA would trace the math kernel and its s x s
         # scores; count what the fused kernel a GPU runs keeps (q, k, v, output, logsumexp, and

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 Group = Optional[dist.ProcessGroup]
 
-# torch 2.13 renamed the single-tensor collectives; the releases before it (torch >= 2.4 is
+# torch 2.13 renamed the single-tensor collectives; the releases before it (torch >= 2.7 is
 # required) only have the *_tensor names.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

@@ -97,9 +97,9 @@ def _setup(pstate, dtype=torch.float32, dist_opt=False, seed=0, **optim):
 
 def _train_step(model, grads, opt, pstate, step=0, corrupt=None):
     x, y = toy_batch(step)
-    per_rank = x.shape[0] // pstate.dp_size
-    x = x[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
-    y = y[pstate.dp_rank * per_rank:(pstate.dp_rank + 1) * per_rank]
+    per_rank = x.shape[0] // pstate.dp.size
+    x = x[pstate.dp.rank * per_rank:(pstate.dp.rank + 1) * per_rank]
+    y = y[pstate.dp.rank * per_rank:(pstate.dp.rank + 1) * per_rank]
     opt.zero_grad()
     loss = ((model(x) - y) ** 2).mean()
     opt.scale_loss(loss).backward()
@@ -166,10 +166,10 @@ def _norm_worker(rank, world):
     full = _full_grads()
     # (name, partition_dim or None, shared_embedding) held by each pipeline stage.
     layout = {0: [("emb", 0, True), ("norm0", None, False)],
-              1: [("w1", 1, False), ("norm1", None, False), ("emb", 0, True)]}[pstate.pp_rank]
+              1: [("w1", 1, False), ("norm1", None, False), ("emb", 0, True)]}[pstate.pp.rank]
     params, grads = [], []
     for name, dim, shared in layout:
-        grad = full[name] if dim is None else full[name].chunk(2, dim)[pstate.tp_rank]
+        grad = full[name] if dim is None else full[name].chunk(2, dim)[pstate.tp.rank]
         param = torch.nn.Parameter(torch.zeros_like(grad))
         param.tensor_model_parallel = dim is not None
         param.shared_embedding = shared
@@ -178,7 +178,7 @@ def _norm_worker(rank, world):
     norm = clip_grad_norm(params, grads, 1.0, pstate.model.group, tp_rank=pstate.tp.rank,
                           first_stage=pstate.is_first_stage).item()
     coefficient = 1.0 / (norm + 1e-6)
-    local = [full[n] if d is None else full[n].chunk(2, d)[pstate.tp_rank] for n, d, _ in layout]
+    local = [full[n] if d is None else full[n].chunk(2, d)[pstate.tp.rank] for n, d, _ in layout]
     expected = [g * coefficient for g in local]
     clipped = all(torch.allclose(a, b) for a, b in zip(grads, expected))
     return norm, clipped
@@ -243,7 +243,7 @@ def _mixed_precision_worker(rank, world):
                                hysteresis=1)
 
     def poison(optimizer):
-        if pstate.dp_rank == 1:
+        if pstate.dp.rank == 1:
             optimizer.shards[0].grad[0] = float("inf")
 
     first = _train_step(model, grads, opt, pstate)[1]

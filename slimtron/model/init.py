@@ -116,7 +116,7 @@ def parameter_initial_shard(param: torch.Tensor, config: ModelConfig, seed: int,
         return initial_shard(param.global_name, param.full_shape, config, seed)
     return initial_shard(param.global_name, param.full_shape, config, seed,
                          dim=param.partition_dim, chunks=getattr(param, "partition_chunks", 1),
-                         tp_size=pstate.tp_size, tp_rank=pstate.tp_rank)
+                         tp_size=pstate.tp.size, tp_rank=pstate.tp.rank)
 
 
 @torch.no_grad()

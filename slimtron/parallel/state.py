@@ -155,11 +155,6 @@ def _all_axes(grid: np.ndarray, rank: int, make_group: GroupFactory) -> dict[str
     return axes
 
 
-def _alias(axis: str, attribute: str):
-    return property(lambda self: getattr(self.axes[axis], attribute),
-                    doc=f"old name for ``pstate.{axis}.{attribute}``")
-
-
 @dataclass
 class ParallelState:
     """This rank's place in the grid: ``pstate.tp``, ``.cp``, ``.dp``, ``.pp`` and the combined
@@ -216,13 +211,6 @@ class ParallelState:
     tp_cp = property(lambda self: self.axes["tp_cp"])
     model = property(lambda self: self.axes["model"])
     embedding = property(lambda self: self.axes["embedding"])
-
-    # Old field names, kept while callers move to the axes.
-    tp_size, tp_rank, tp_ranks, tp_group = (_alias("tp", a) for a in ("size", "rank", "ranks", "group"))
-    pp_size, pp_rank, pp_ranks, pp_group = (_alias("pp", a) for a in ("size", "rank", "ranks", "group"))
-    dp_size, dp_rank, dp_ranks, dp_group = (_alias("dp", a) for a in ("size", "rank", "ranks", "group"))
-    mp_ranks, mp_group = _alias("model", "ranks"), _alias("model", "group")
-    embedding_ranks, embedding_group = _alias("embedding", "ranks"), _alias("embedding", "group")
 
     @property
     def is_first_stage(self) -> bool:

@@ -59,7 +59,8 @@ def test_planning_state_matches_grid():
     assert s.dp_cp.ranks == s.dp.ranks and s.model.ranks == [0, 1, 4, 5]
     assert s.embedding.ranks == [1, 5]
     # Only the named axes: the old field names are gone.
-    for old in ("tp_size", "tp_rank", "tp_group", "dp_rank", "pp_size", "mp_group", "embedding_group"):
+    for old in ("tp_size", "tp_rank", "tp_group", "dp_rank", "pp_size", "mp_group",
+                "embedding_group"):
         assert not hasattr(s, old), old
 
 

@@ -241,41 +241,23 @@ class UnevenLossMask:
         return sample
 
 
-def cp_config(tp=1, cp=1, pp=1, sp=False, dist_opt=False, per_token=False, overlap=False):
-    from slimtron.config import (Config, DataConfig, OptimizerConfig, ParallelConfig,
-                                 TrainingConfig)
-    model = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                        num_query_groups=2, seq_length=256, vocab_size=200,
-                        normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
-                        add_bias_linear=False, untie_embeddings_and_output_weights=True,
-                        hidden_dropout=0.0, attention_dropout=0.0)
-    return Config(
-        model=model,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                context_parallel_size=cp, sequence_parallel=sp,
-                                use_distributed_optimizer=dist_opt, bucket_size=2000,
-                                overlap_grad_reduce=overlap),
-        optim=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, clip_grad=0.5,
-                              weight_decay=0.1),
-        data=DataConfig(mock_data=True),
-        training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=STEPS,
-                                log_interval=100, seed=7, calculate_per_token_loss=per_token))
+def cp_config(**kwargs):
+    """The parity model at seq 256 with 4 layers (GQA: 4 heads in 2 groups), STEPS steps."""
+    from tests.test_training_parity import tiny_config
+    config = tiny_config(num_layers=4, seq_length=256, **kwargs)
+    config.training.train_iters = STEPS
+    return config
 
 
 def _train_cp_layout(rank, world, config):
     from slimtron.training import setup, train
+    from tests.test_training_parity import local_shards
     engine = setup(config, world)
     train_set, *rest = engine.datasets
     engine.datasets = (None if train_set is None else UnevenLossMask(train_set), *rest)
     losses = []
     train(engine, on_iteration=lambda it, loss, norm: losses.append((loss, norm)))
-    shards = {}
-    if engine.pstate.dp_cp.rank == 0:
-        for chunk in engine.model_chunks:
-            for p in chunk.parameters():
-                shards[p.global_name] = (p.detach().clone(), bool(p.tensor_model_parallel),
-                                         p.partition_dim, getattr(p, "partition_chunks", 1))
-    return engine.pstate.tp.rank, losses, shards
+    return engine.pstate.tp.rank, losses, local_shards(engine)
 
 
 CP_LAYOUTS = {  # name: (world, config kwargs)

@@ -117,6 +117,7 @@ def flags_config(name: str, dist_opt: bool = False):
 
 def _train_each(rank, world, names, dist_opt):
     from slimtron.training import setup, train
+    from tests.test_training_parity import local_shards
     out = {}
     for name in names:
         engine = setup(flags_config(name, dist_opt), world)
@@ -127,12 +128,7 @@ def _train_each(rank, world, names, dist_opt):
         steps = []
         train(engine, on_iteration=lambda it, loss, norm: steps.append(
             (loss, norm, engine.optimizer.get_lr(), engine.state.consumed_train_samples)))
-        shards = {}
-        if engine.pstate.dp_cp.rank == 0:
-            for chunk in engine.model_chunks:
-                for p in chunk.parameters():
-                    shards[p.global_name] = (p.detach().clone(), bool(p.tensor_model_parallel),
-                                             p.partition_dim, getattr(p, "partition_chunks", 1))
+        shards = local_shards(engine)
         moved = {name: (p.detach() - before[name]).abs().max().item()
                  for name, p in ((p.global_name, p) for c in engine.model_chunks
                                  for p in c.parameters())}

@@ -16,40 +16,47 @@ STEPS = 5
 
 
 def tiny_config(tp=1, pp=1, sp=False, dist_opt=False, vp_layers=None, arch="llama",
-                overlap=False) -> Config:
+                overlap=False, cp=1, num_layers=8, seq_length=16, per_token=False) -> Config:
     if arch == "llama":
-        model = ModelConfig(num_layers=8, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                            num_query_groups=2, seq_length=16, vocab_size=200,
-                            normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
-                            add_bias_linear=False, untie_embeddings_and_output_weights=True,
-                            hidden_dropout=0.0, attention_dropout=0.0)
+        model = ModelConfig(num_layers=num_layers, hidden_size=32, ffn_hidden_size=64,
+                            num_attention_heads=4, num_query_groups=2, seq_length=seq_length,
+                            vocab_size=200, normalization="RMSNorm",
+                            position_embedding_type="rope", swiglu=True, add_bias_linear=False,
+                            untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
+                            attention_dropout=0.0)
     else:
-        model = ModelConfig(num_layers=8, hidden_size=32, num_attention_heads=4, seq_length=16,
-                            vocab_size=200, hidden_dropout=0.0, attention_dropout=0.0)
+        model = ModelConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
+                            seq_length=seq_length, vocab_size=200, hidden_dropout=0.0,
+                            attention_dropout=0.0)
     return Config(
         model=model,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                sequence_parallel=sp, use_distributed_optimizer=dist_opt,
+                                context_parallel_size=cp, sequence_parallel=sp,
+                                use_distributed_optimizer=dist_opt,
                                 num_layers_per_virtual_pipeline_stage=vp_layers, bucket_size=2000,
                                 overlap_grad_reduce=overlap),
         optim=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=1, clip_grad=0.5,
                               weight_decay=0.1),
         data=DataConfig(mock_data=True),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=STEPS,
-                                log_interval=100, seed=7))
+                                log_interval=100, seed=7, calculate_per_token_loss=per_token))
+
+
+def local_shards(engine) -> dict:
+    """This rank's parameter shards with what unsharding needs, from the first replica of each
+    (tp, pp) position (data- and context-parallel rank 0); empty on the other replicas."""
+    if engine.pstate.dp_cp.rank != 0:
+        return {}
+    return {p.global_name: (p.detach().clone(), bool(p.tensor_model_parallel), p.partition_dim,
+                            getattr(p, "partition_chunks", 1))
+            for chunk in engine.model_chunks for p in chunk.parameters()}
 
 
 def _train_layout(rank, world, config):
     engine = setup(config, world)
     losses = []
     train(engine, on_iteration=lambda it, loss, norm: losses.append((loss, norm)))
-    shards = {}
-    if engine.pstate.dp.rank == 0:
-        for chunk in engine.model_chunks:
-            for p in chunk.parameters():
-                shards[p.global_name] = (p.detach().clone(), bool(p.tensor_model_parallel),
-                                         p.partition_dim, getattr(p, "partition_chunks", 1))
-    return engine.pstate.tp.rank, losses, shards
+    return engine.pstate.tp.rank, losses, local_shards(engine)
 
 
 def full_params(results) -> dict:

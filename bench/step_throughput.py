@@ -51,11 +51,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def build_slimtron(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                    compile_layers: bool = False) -> GPTModel:
-    model = GPTModel(cfg, ParallelState.single(device), params_dtype=dtype, device=device)
-    if compile_layers:  # torch.compile of each transformer layer (compiled in the warm-up)
-        for layer in model.decoder.layers.values():
-            layer.compile()
-    return model
+    # compile_layers: training's --compile-layers (each layer compiles in the warm-up)
+    return GPTModel(cfg, ParallelState.single(device), params_dtype=dtype, device=device,
+                    compile_layers=compile_layers)
 
 
 @torch.no_grad()
@@ -157,15 +155,21 @@ def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -
     torch.manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length), device=device)
     labels = torch.roll(tokens, -1, dims=1)
-    ours = build_slimtron(cfg, dtype, device, getattr(args, "compile_layers", False))
+    compile_layers = getattr(args, "compile_layers", False)
+    ours = build_slimtron(cfg, dtype, device, compile_layers)
     theirs = build_hf_copy(cfg, ours, device)
     autocast = dtype if dtype_name != "fp32" else None
     with torch.no_grad():
         initial = (slimtron_loss(ours, tokens, labels).item(),
                    hf_loss(theirs, tokens, labels, autocast).item())
-    seconds = time_alternating({"slimtron": make_slimtron_step(ours, dtype_name, tokens, labels),
-                                "hf": make_hf_step(theirs, dtype_name, tokens, labels)},
-                               args.warmup, args.steps)
+    steps = {"slimtron": make_slimtron_step(ours, dtype_name, tokens, labels),
+             "hf": make_hf_step(theirs, dtype_name, tokens, labels)}
+    if getattr(args, "side_by_side", False):  # the other setting of --compile-layers, same weights
+        other = build_slimtron(cfg, dtype, device, not compile_layers)
+        other.load_state_dict(ours.state_dict())
+        steps["slimtron-eager" if compile_layers else "slimtron-compiled"] = make_slimtron_step(
+            other, dtype_name, tokens, labels)
+    seconds = time_alternating(steps, args.warmup, args.steps)
     tokens_per_step = tokens.numel()
     return {"dtype": dtype_name, "initial_loss": initial,
             "best": {k: tokens_per_step / min(s) for k, s in seconds.items()},
@@ -180,13 +184,14 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
     lines = [f"{result['dtype']}: peak {peak}",
              f"  initial loss slimtron {ours:.4f}  HF {theirs:.4f}  (same weights: should match "
              "to the precision's rounding)"]
-    for name in ("slimtron", "hf"):
+    for name in best:
         achieved = best[name] * flops_per_token
-        lines.append(f"  {name:<9} best {best[name]:8.1f} tokens/s  {achieved / 1e9:7.1f} GFLOP/s  "
+        lines.append(f"  {name:<17} best {best[name]:8.1f} tokens/s  {achieved / 1e9:7.1f} GFLOP/s  "
                      f"MFU {flops.mfu(best[name], flops_per_token, peak):6.1%}   "
                      f"median {median[name]:8.1f} tokens/s")
-    lines.append(f"  slimtron / HF tokens/s: best {best['slimtron'] / best['hf']:.3f}, "
-                 f"median {median['slimtron'] / median['hf']:.3f}")
+    for name in (n for n in best if n != "hf"):
+        lines.append(f"  {name} / HF tokens/s: best {best[name] / best['hf']:.3f}, "
+                     f"median {median[name] / median['hf']:.3f}")
     return lines
 
 
@@ -199,7 +204,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--compile-layers", action="store_true",
-                        help="torch.compile each of slimtron's transformer layers (HF stays eager)")
+                        help="torch.compile each of slimtron's transformer layers (training's "
+                             "--compile-layers; HF stays eager)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="also time slimtron with the other --compile-layers setting, in turn "
+                             "with the two others")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 is steadier on busy cores")
     return parser.parse_args(argv)

@@ -145,6 +145,9 @@ _TRAINING_FLAGS = [
     ("--recompute-granularity", None, dict(choices=["full", "selective"])),
     ("--recompute-method", None, dict(choices=["uniform", "block"])),
     ("--recompute-num-layers", None, dict(type=int)),
+    ("--compile-layers", None, dict(action="store_true", help="torch.compile each transformer "
+                                                             "layer (slimtron's own; off by "
+                                                             "default)")),
     ("--eval-only", None, dict(action="store_true")),
     ("--train-samples", None, dict(type=int, help="sample-based training (sets the iterations)")),
     ("--rampup-batch-size", None, dict(type=int, nargs=3, help="START INCREMENT SAMPLES: the "

@@ -191,6 +191,7 @@ class TrainingConfig:
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     recompute_method: Optional[str] = None  # "uniform" | "block"
     recompute_num_layers: Optional[int] = None
+    compile_layers: bool = False  # torch.compile each transformer layer (slimtron's own flag)
     eval_only: bool = False
     exit_duration_in_mins: Optional[float] = None
     exit_signal_handler: bool = False  # on SIGTERM: finish the step, save, exit 0

@@ -88,7 +88,8 @@ class GPTModel(nn.Module):
                  post_process: bool = True, layer_numbers: Optional[Sequence[int]] = None,
                  sequence_parallel: bool = False, params_dtype=torch.float32, device=None,
                  seed: int = 1234, recompute: RecomputeArg = None,
-                 rng_tracker: Optional[RNGStatesTracker] = None, initialize: bool = True):
+                 rng_tracker: Optional[RNGStatesTracker] = None, initialize: bool = True,
+                 compile_layers: bool = False):
         super().__init__()
         validate_parallel_config(config, pstate.tp.size, sequence_parallel=sequence_parallel)
         device = torch.device(device) if device is not None else pstate.device
@@ -122,6 +123,8 @@ class GPTModel(nn.Module):
             param.global_name = name
         if initialize:  # False: left uninitialised for a checkpoint load to fill
             initialize_parameters(self, config, seed, pstate)
+        if compile_layers:  # --compile-layers
+            self.decoder.compile_layers()
 
     def shared_embedding_or_output_weight(self) -> Optional[nn.Parameter]:
         """The output projection weight (the word embeddings when tied); None off the last stage."""
@@ -186,7 +189,8 @@ class GPTModel(nn.Module):
 def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
                        sequence_parallel: bool = False, params_dtype=torch.float32,
                        seed: int = 1234, recompute: RecomputeArg = None,
-                       device=None, initialize: bool = True) -> list[GPTModel]:
+                       device=None, initialize: bool = True,
+                       compile_layers: bool = False) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), sharing one RNG tracker."""
     validate_parallel_config(config, pstate.tp.size, pstate.pp.size, virtual_pp_size,
                              sequence_parallel)
@@ -201,5 +205,6 @@ def build_model_chunks(config: ModelConfig, pstate, virtual_pp_size: int = 1, *,
             layer_numbers=chunk_layer_numbers(config.num_layers, pstate.pp.size, pstate.pp.rank,
                                               virtual_pp_size, c),
             sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
-            seed=seed, recompute=recompute, rng_tracker=tracker, initialize=initialize))
+            seed=seed, recompute=recompute, rng_tracker=tracker, initialize=initialize,
+            compile_layers=compile_layers))
     return chunks

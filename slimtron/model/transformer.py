@@ -158,11 +158,15 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:  # generation: attend over earlier steps' keys too
             return self.linear_proj(kv_cache.attend(self, q, k, v))
         if self.selective_recompute:
-            core = checkpoint_with_rng(self._core_attention, self.rng_tracker, q, k, v,
-                                       segment_ids)
+            core = self._recomputed_core_attention(q, k, v, segment_ids)
         else:
             core = self._core_attention(q, k, v, segment_ids)
         return self.linear_proj(core)
+
+    # Eager under --compile-layers: torch.compile cannot trace checkpoint's RNG-replay context.
+    @torch.compiler.disable
+    def _recomputed_core_attention(self, q, k, v, segment_ids=None):
+        return checkpoint_with_rng(self._core_attention, self.rng_tracker, q, k, v, segment_ids)
 
     def _core_attention(self, q, k, v, segment_ids=None):
         if self.cp.size > 1:  # config refuses attention dropout with context parallelism
@@ -252,6 +256,12 @@ class TransformerBlock(nn.Module):
                                      selective_recompute=selective, **common)
             for i in layer_numbers})
         self.final_layernorm = Norm(config, config.hidden_size, **common) if post_process else None
+
+    def compile_layers(self) -> None:
+        """torch.compile each layer's call in place (``nn.Module.compile``: parameter names and
+        the state_dict stay the same); the first call of each layer compiles it."""
+        for layer in self.layers.values():
+            layer.compile()
 
     def _checkpointed(self, layers, x, rotary, segment_ids=None):
         def run(h, segments, *rot):

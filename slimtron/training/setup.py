@@ -119,11 +119,16 @@ def build_training_parts(config: Config, pstate: ParallelState, device: torch.de
     on ``device``: an Engine without data or checkpoint. setup() and the dry run both build here.
     ``initialize=False`` draws no initial weights (a checkpoint will overwrite them)."""
     p, t = config.parallel, config.training
+    if t.compile_layers and device.type == "meta":
+        raise ConfigError("--compile-layers: the dry run builds on the meta device and predicts "
+                          "eager memory; torch.compile chooses what to save itself, so run "
+                          "the dry run without it")
     params_dtype = DTYPES[config.optim.params_dtype_name]
     model_chunks = build_model_chunks(
         config.model, pstate, pstate.virtual_pp_size, sequence_parallel=p.sequence_parallel,
         params_dtype=params_dtype, seed=t.seed, device=device,
-        recompute=Recompute.from_training_config(t), initialize=initialize)
+        recompute=Recompute.from_training_config(t), initialize=initialize,
+        compile_layers=t.compile_layers)
     batch = BatchSchedule.from_config(t, pstate.dp.size, config.model.seq_length)
     num_micro = batch.num_microbatches(0)
     grads = optimizer = None

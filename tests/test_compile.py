@@ -1,0 +1,132 @@
+"""--compile-layers: each transformer layer under torch.compile gives eager's numbers (fp32, 1e-5
+relative) through the real training step (fp32 grad buffer, distributed optimizer, clipping, AdamW)
+with and without recomputation, and at tp=2 with sequence parallelism; the flag parses, and the
+dry run (meta tensors, eager's memory model) refuses it in one line."""
+import pytest
+import torch
+
+from slimtron.arguments import parse_args, to_argv
+from slimtron.config import ConfigError, OptimizerConfig, ParallelConfig
+from slimtron.model import GPTModel
+from slimtron.optim import build_optimizer
+from slimtron.parallel.data_parallel import DataParallelGrads
+from slimtron.parallel.finalize_grads import allreduce_sequence_parallel_grads
+from slimtron.parallel.state import ParallelState
+from tests.distributed import run_distributed
+from tests.test_model import batch, tiny
+
+
+def _assert_rel_close(got, expected, what):
+    err = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    assert err <= 1e-5, f"{what}: relative error {err:.2e}"
+
+
+def _train(cfg, compile_layers, recompute=None, steps=2, segment_ids=None):
+    """The losses of ``steps`` real optimizer steps on one process, the first step's gradients
+    (fp32 buffer, before the optimizer) and the final weights."""
+    pstate = ParallelState.single()
+    model = GPTModel(cfg, pstate, recompute=recompute, compile_layers=compile_layers, seed=7)
+    grads = DataParallelGrads([model], pstate, use_distributed_optimizer=True)
+    optimizer = build_optimizer([model], OptimizerConfig(lr=1e-2, clip_grad=1.0,
+                                                         lr_decay_style="constant"),
+                                ParallelConfig(use_distributed_optimizer=True), pstate, grads,
+                                train_iters=steps)
+    tokens, labels = batch(cfg)
+    losses, first_grads = [], None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(tokens, labels=labels, segment_ids=segment_ids).mean()
+        loss.backward()
+        grads.finish_grad_sync()
+        if first_grads is None:
+            first_grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        losses.append(loss.detach())
+    return (torch.stack(losses), first_grads,
+            {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def _assert_same_training(compiled, eager, what):
+    """Losses of every step (the later ones after the updates) and the first step's gradients.
+    Not the weights after AdamW: its m / sqrt(v) turns 1e-7 differences of near-zero gradients
+    into differences of the whole learning rate, in eager against eager as well."""
+    _assert_rel_close(compiled[0], eager[0], f"{what}: losses")
+    for name, grad in eager[1].items():
+        _assert_rel_close(compiled[1][name], grad, f"{what}: gradient of {name}")
+
+
+@pytest.mark.parametrize("recompute", [None, "full", "selective"])
+def test_compiled_layers_train_as_eager(recompute):
+    cfg = tiny("llama")
+    eager, compiled = _train(cfg, False, recompute), _train(cfg, True, recompute)
+    assert not torch.equal(eager[2]["decoder.layers.0.mlp.linear_fc1.weight"],
+                           _init_weights(cfg)["decoder.layers.0.mlp.linear_fc1.weight"])
+    _assert_same_training(compiled, eager, f"recompute {recompute}")
+
+
+def test_compiled_layers_with_documents_and_gpt():
+    segments = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    cfg = tiny("llama")
+    _assert_same_training(_train(cfg, True, segment_ids=segments),
+                          _train(cfg, False, segment_ids=segments), "segment_ids")
+    cfg = tiny("gpt2")
+    _assert_same_training(_train(cfg, True), _train(cfg, False), "gpt2 (LayerNorm, GeLU, biases)")
+
+
+def test_compiled_dropout_replays_under_recompute():
+    """Dropout masks under compile come from inductor's generator (not eager's masks), but the
+    recomputed forward must redraw the same ones: recompute full == no recompute, bit for bit."""
+    cfg = tiny("gpt2", hidden_dropout=0.2, attention_dropout=0.2)
+    torch.manual_seed(0)
+    plain = _train(cfg, True)
+    torch.manual_seed(0)
+    recomputed = _train(cfg, True, "full")
+    assert torch.equal(plain[0], recomputed[0])
+    for name, weight in plain[2].items():
+        assert torch.equal(recomputed[2][name], weight), name
+
+
+def _init_weights(cfg):
+    model = GPTModel(cfg, ParallelState.single(), seed=7)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _tp_step(rank, world):
+    """One forward/backward at tp=2 with sequence parallelism, eager and compiled."""
+    pstate = ParallelState.build(tp=world)
+    cfg = tiny("llama")
+    out = {}
+    for compiled in (False, True):
+        model = GPTModel(cfg, pstate, sequence_parallel=True, compile_layers=compiled, seed=7)
+        tokens, labels = batch(cfg)
+        loss = model(tokens, labels=labels)
+        loss.mean().backward()
+        allreduce_sequence_parallel_grads(model, pstate.tp.group)
+        out[compiled] = (loss.detach(), {p.global_name: p.grad for p in model.parameters()})
+    return out
+
+
+def test_compiled_layers_tensor_parallel():
+    for rank, out in enumerate(run_distributed(_tp_step, 2)):
+        _assert_rel_close(out[True][0], out[False][0], f"tp=2 rank {rank}: loss")
+        for name, grad in out[False][1].items():
+            _assert_rel_close(out[True][1][name], grad, f"tp=2 rank {rank}: grad of {name}")
+
+
+def test_flag_parses_and_round_trips():
+    config = parse_args(["--compile-layers", "--mock-data"])
+    assert config.training.compile_layers
+    assert "--compile-layers" in to_argv(config)
+    assert not parse_args(["--mock-data"]).training.compile_layers
+
+
+def test_dry_run_refuses_compile_layers():
+    from slimtron.training.setup import build_training_parts
+
+    config = parse_args(["--compile-layers", "--mock-data", "--num-layers", "2",
+                         "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
+                         "16", "--max-position-embeddings", "16", "--vocab-size", "128",
+                         "--micro-batch-size", "1"]).validate(1, check_files=False)
+    with pytest.raises(ConfigError, match="--compile-layers"):
+        build_training_parts(config, ParallelState.single(torch.device("meta")),
+                             torch.device("meta"))

@@ -8,6 +8,7 @@ reference is the single-process model given the same noise.
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ def tool(name: str, folder: str = "tools/checkpoint"):
     path = os.path.join(ROOT, folder, f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 

@@ -1,14 +1,12 @@
 """FLOPs per token, device peaks and MFU; the model summary's parameter count and memory split."""
-import importlib.util
-import pathlib
 import re
-import sys
 
 import pytest
 import torch
 
 from slimtron import flops
 from slimtron.config import ConfigError, ModelConfig, model_preset
+from tests.test_hf_conversion import tool
 
 
 def _megatron_closed_form(m: ModelConfig, seq: int) -> float:
@@ -60,16 +58,7 @@ def test_peak_table_mfu_and_measured_peak():
 
 # ---- tools/model_summary.py ----------------------------------------------------------------
 
-def _load_tool(name: str):
-    path = pathlib.Path(__file__).parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-model_summary = _load_tool("model_summary")
+model_summary = tool("model_summary", "tools")
 GIB = 2 ** 30
 
 

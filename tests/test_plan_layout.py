@@ -1,25 +1,14 @@
 """tools/plan_layout.py: what fits, the step-time model's pieces, published layouts near the top."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 from slimtron import memory
 from slimtron.config import ConfigError
+from tests.test_hf_conversion import tool
 
 
-def _load_tool(name: str):
-    path = pathlib.Path(__file__).parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-plan_layout = _load_tool("plan_layout")
+plan_layout = tool("plan_layout", "tools")
 GIB = 2 ** 30
 FIELDS = {"tp", "pp", "vpp", "dp", "micro_batch_size", "recompute", "sequence_parallel",
           "distributed_optimizer", "peak_bytes", "step_time_s"}

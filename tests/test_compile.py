@@ -1,7 +1,7 @@
 """--compile-layers: each transformer layer under torch.compile gives eager's numbers (fp32, 1e-5
-relative) through the real training step (fp32 grad buffer, distributed optimizer, clipping, AdamW)
-with and without recomputation, and at tp=2 with sequence parallelism; the flag parses, and the
-dry run (meta tensors, eager's memory model) refuses it in one line."""
+relative) through the real training step (fp32 grad buffer, distributed optimizer, clipping,
+AdamW) with and without recomputation, at tp=2 with sequence parallelism and at cp=2; the flag
+parses, and the dry run (meta tensors, eager's memory model) refuses it in one line."""
 import pytest
 import torch
 
@@ -91,26 +91,34 @@ def _init_weights(cfg):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _tp_step(rank, world):
-    """One forward/backward at tp=2 with sequence parallelism, eager and compiled."""
-    pstate = ParallelState.build(tp=world)
+def _parallel_steps(rank, world):
+    """One forward/backward, eager and compiled, at tp=2 with sequence parallelism and at cp=2
+    (ring attention; each rank its local half of the sequence)."""
     cfg = tiny("llama")
+    tokens, labels = batch(cfg)
+    half = slice(rank * cfg.seq_length // 2, (rank + 1) * cfg.seq_length // 2)
+    cases = {"tp=2+sp": (ParallelState.build(tp=world), True, tokens, labels),
+             "cp=2": (ParallelState.build(cp=world), False, tokens[:, half], labels[:, half])}
     out = {}
-    for compiled in (False, True):
-        model = GPTModel(cfg, pstate, sequence_parallel=True, compile_layers=compiled, seed=7)
-        tokens, labels = batch(cfg)
-        loss = model(tokens, labels=labels)
-        loss.mean().backward()
-        allreduce_sequence_parallel_grads(model, pstate.tp.group)
-        out[compiled] = (loss.detach(), {p.global_name: p.grad for p in model.parameters()})
+    for case, (pstate, sp, tokens, labels) in cases.items():
+        for compiled in (False, True):
+            model = GPTModel(cfg, pstate, sequence_parallel=sp, compile_layers=compiled, seed=7)
+            loss = model(tokens, labels=labels)
+            loss.mean().backward()
+            if sp:
+                allreduce_sequence_parallel_grads(model, pstate.tp.group)
+            out[case, compiled] = (loss.detach(),
+                                   {p.global_name: p.grad for p in model.parameters()})
     return out
 
 
-def test_compiled_layers_tensor_parallel():
-    for rank, out in enumerate(run_distributed(_tp_step, 2)):
-        _assert_rel_close(out[True][0], out[False][0], f"tp=2 rank {rank}: loss")
-        for name, grad in out[False][1].items():
-            _assert_rel_close(out[True][1][name], grad, f"tp=2 rank {rank}: grad of {name}")
+def test_compiled_layers_tensor_and_context_parallel():
+    for rank, out in enumerate(run_distributed(_parallel_steps, 2)):
+        for case in ("tp=2+sp", "cp=2"):
+            (loss, grads), (eager_loss, eager_grads) = out[case, True], out[case, False]
+            _assert_rel_close(loss, eager_loss, f"{case} rank {rank}: loss")
+            for name, grad in eager_grads.items():
+                _assert_rel_close(grads[name], grad, f"{case} rank {rank}: grad of {name}")
 
 
 def test_flag_parses_and_round_trips():

@@ -108,17 +108,20 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        xf = x.float()  # one fp32 copy (none for fp32 input), read twice
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (x.float() * rstd * weight).to(x.dtype)
+        return (xf * rstd * weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         normed = x.float() * rstd
-        grad_normed = grad.float() * weight.float()
+        grad_f = grad.float()  # a copy, free to overwrite, unless grad is already fp32
+        grad_weight = (grad_f * normed).reshape(-1, x.shape[-1]).sum(0)
+        weight_f = weight.float()
+        grad_normed = grad_f.mul_(weight_f) if grad_f is not grad else grad_f * weight_f
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-        grad_weight = (grad.float() * normed).reshape(-1, x.shape[-1]).sum(0)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 
@@ -141,5 +144,11 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = x.float().chunk(2, dim=-1)
         grad = grad.float()
         sig = torch.sigmoid(gate)
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
-        return torch.cat([grad_gate, grad * gate * sig], dim=-1).to(x.dtype)
+        # grad * up * sig * (1 + gate * (1 - sig)) and grad * gate * sig, evaluated in that order
+        # in place, each half written straight into the result (no fp32 concatenation)
+        silu_grad = (1 - sig).mul_(gate).add_(1)
+        out = torch.empty_like(x)
+        gate_half, up_half = out.chunk(2, dim=-1)
+        gate_half.copy_((grad * up).mul_(sig).mul_(silu_grad))
+        up_half.copy_((grad * gate).mul_(sig))
+        return out

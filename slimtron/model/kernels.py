@@ -125,6 +125,43 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding over all of x's last dim: ``x * cos + [-x2, x1] * sin`` in
+    fp32, returned in x's dtype. cos and sin (fp32, broadcast to x) take no gradient."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rotary: cos and sin are constants here; they must not require grad")
+    return _Rotary.apply(x, cos, sin)
+
+
+class _Rotary(torch.autograd.Function):
+    """The arithmetic of the composite form, bit for bit, without its fp32 negation and
+    concatenation in forward or their mirror images in backward: the two halves are written in
+    place (a + (-b) * c rounds exactly as a - b * c)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        xf = x.float()
+        first, second = xf.chunk(2, dim=-1)
+        half = first.shape[-1]
+        out = xf * cos
+        out[..., :half].sub_(second * sin[..., :half])
+        out[..., half:].add_(first * sin[..., half:])
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad_f = grad.float()
+        by_sin = grad_f * sin
+        first, second = by_sin.chunk(2, dim=-1)
+        half = first.shape[-1]
+        grad_x = grad_f * cos
+        grad_x[..., :half].add_(second)
+        grad_x[..., half:].sub_(first)
+        return grad_x.to(grad.dtype), None, None
+
+
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of x = [gate, up] along the last dim, keeping only x for backward (as
     Megatron's fused SwiGLU): autograd would also keep silu(gate), half of x's size again."""

@@ -117,10 +117,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if rotary_dim < x.shape[-1]:
         rotated = apply_rotary(x[..., :rotary_dim], cos, sin)
         return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
-    xf = x.float()
-    first, second = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return kernels.rotary(x, cos, sin)
 
 
 # ---- attention and MLP ---------------------------------------------------------------------

@@ -21,7 +21,11 @@ measured).
 
 Usage: python bench/step_throughput.py [--preset llama-100m] [--micro-batch-size 4]
                                        [--seq-length 512] [--warmup 2] [--steps 5]
-                                       [--compile-layers]
+                                       [--compile-layers] [--side-by-side] [--threads N]
+
+--compile-layers builds slimtron's model as training's --compile-layers does; --side-by-side also
+times slimtron with the other setting (same weights), in turn with the two others, so that the
+compiled/eager comparison sees the same load.
 """
 from __future__ import annotations
 

@@ -190,7 +190,8 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
              "to the precision's rounding)"]
     for name in best:
         achieved = best[name] * flops_per_token
-        lines.append(f"  {name:<17} best {best[name]:8.1f} tokens/s  {achieved / 1e9:7.1f} GFLOP/s  "
+        lines.append(f"  {name:<17} best {best[name]:8.1f} tokens/s  "
+                     f"{achieved / 1e9:7.1f} GFLOP/s  "
                      f"MFU {flops.mfu(best[name], flops_per_token, peak):6.1%}   "
                      f"median {median[name]:8.1f} tokens/s")
     for name in (n for n in best if n != "hf"):

@@ -2,6 +2,11 @@
 relative) through the real training step (fp32 grad buffer, distributed optimizer, clipping,
 AdamW) with and without recomputation, at tp=2 with sequence parallelism and at cp=2; the flag
 parses, and the dry run (meta tensors, eager's memory model) refuses it in one line."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +144,24 @@ def test_dry_run_refuses_compile_layers():
     with pytest.raises(ConfigError, match="--compile-layers"):
         build_training_parts(config, ParallelState.single(torch.device("meta")),
                              torch.device("meta"))
+
+
+LOSSES = re.compile(r"(?:lm loss|lm loss value): ([0-9.E+-]+)")
+
+
+def _cli_losses(*extra):
+    out = subprocess.run(
+        [sys.executable, "pretrain_gpt.py", "--preset", "tiny-llama", "--mock-data",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+         "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
+         "--eval-iters", "1", *extra],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [float(v) for v in LOSSES.findall(out.stdout)]
+
+
+def test_cli_training_with_compile_layers_logs_eager_losses():
+    """The whole pretrain path (setup, loop, evaluation) with --compile-layers: the logged
+    training and validation losses are eager's."""
+    eager, compiled = _cli_losses(), _cli_losses("--compile-layers")
+    assert len(eager) >= 4 and compiled == pytest.approx(eager, rel=1e-5)

@@ -41,12 +41,16 @@ def batch():
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("teacher"))
+    return save_teacher(str(tmp_path_factory.mktemp("teacher")), TEACHER, seed=7, iteration=5)
+
+
+def save_teacher(root: str, config: ModelConfig, seed: int, iteration: int) -> str:
+    """A one-process checkpoint of ``config`` with perturbed (non-initial) weights."""
     pstate = ParallelState.single()
-    model = build_model_chunks(TEACHER, pstate, seed=7)[0]
+    model = build_model_chunks(config, pstate, seed=seed)[0]
     with torch.no_grad():
-        perturb([model], TEACHER, pstate)
-    save_checkpoint(root, 5, [model], None, pstate, Config(model=TEACHER), 0)
+        perturb([model], config, pstate)
+    save_checkpoint(root, iteration, [model], None, pstate, Config(model=config), 0)
     return root
 
 
@@ -148,13 +152,7 @@ def parity_teacher_dir(tmp_path_factory):
     cfg = tiny_config().model
     cfg = ModelConfig(**{**cfg.__dict__, "num_layers": 3, "hidden_size": 48, "ffn_hidden_size": 80,
                          "kv_channels": None})
-    root = str(tmp_path_factory.mktemp("parity_teacher"))
-    pstate = ParallelState.single()
-    model = build_model_chunks(cfg, pstate, seed=5)[0]
-    with torch.no_grad():
-        perturb([model], cfg, pstate)
-    save_checkpoint(root, 1, [model], None, pstate, Config(model=cfg), 0)
-    return root
+    return save_teacher(str(tmp_path_factory.mktemp("parity_teacher")), cfg, seed=5, iteration=1)
 
 
 def test_kd_training_tp2_pp2_sp_equals_one_process(parity_teacher_dir):

@@ -1,6 +1,7 @@
 """Per-step overhead and start-up that do not grow with scale.
 
-- Initialisation draws only a rank's own shard, and every TP layout gets the single-process values.
+- Initialisation draws only a rank's own shard, and every TP layout gets the single-process values;
+  a model a checkpoint will fill is built on the meta device and only given storage.
 - One training step: device->host synchronisations (Tensor.item / tolist / cpu on the step's
   tensors) at most two and constant in the number of micro-batches and of parameter tensors;
   optimizer-side dispatched ops (TorchDispatchMode) constant in the number of parameter tensors.
@@ -274,3 +275,43 @@ def test_gpu_check_script_runs_with_cpu():
     for expected in ("ok   model grads", "ok   kernel causal_attention", "ok   optimizer fp32",
                      "ok   loss scaler fp16", "slimtron / HF tokens/s", "0 parity failure(s)"):
         assert expected in out.stdout, (expected, out.stdout[-3000:])
+
+
+# ---- a model a checkpoint will fill ---------------------------------------------------------------
+class _OpsOffMeta(TorchDispatchMode):
+    """Names of the ops that produce a tensor off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(t.device.type != "meta" for t in torch.utils._pytree.tree_leaves(out)
+               if isinstance(t, torch.Tensor)):
+            self.ops[str(func)] += 1
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_model_without_initialisation_is_built_on_meta_then_given_storage(arch):
+    """--load (not --finetune): the model is built on the meta device; materialising allocates
+    each parameter once and writes nothing; the tags the checkpoint code reads are kept; a load
+    then gives exactly the initialised model."""
+    from slimtron.model import GPTModel
+    from tests.test_model import batch, tiny
+    cfg = tiny(arch)
+    pstate = ParallelState.single()
+    reference = GPTModel(cfg, pstate, seed=3)
+    with _OpsOffMeta() as ops:
+        empty = GPTModel(cfg, pstate, seed=3, initialize=False)
+    params = dict(empty.named_parameters())
+    assert set(ops.ops) <= {"aten.empty_like.default", "aten.empty_strided.default"}, ops.ops
+    assert sum(ops.ops.values()) == len(params)
+    for name, param in reference.named_parameters():
+        twin = params[name]
+        assert twin.device == param.device and twin.dtype == param.dtype and twin.requires_grad
+        assert {k: v for k, v in vars(twin).items()} == {k: v for k, v in vars(param).items()}
+    empty.load_state_dict(reference.state_dict())
+    tokens, labels = batch(cfg)
+    assert torch.equal(empty(tokens, labels=labels), reference(tokens, labels=labels))

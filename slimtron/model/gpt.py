@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimtron.config import ModelConfig, check_model_split
-from slimtron.model.init import initialize_parameters
+from slimtron.model.init import initialize_parameters, materialize
 from slimtron.model.transformer import (RecomputeArg, RotaryEmbedding, TransformerBlock,
                                         as_recompute, hidden_dropout)
 from slimtron.parallel import comm
@@ -93,6 +93,9 @@ class GPTModel(nn.Module):
         super().__init__()
         validate_parallel_config(config, pstate.tp.size, sequence_parallel=sequence_parallel)
         device = torch.device(device) if device is not None else pstate.device
+        # Without initialisation (a checkpoint will fill the weights), build on the meta device and
+        # give the parameters storage afterwards: construction allocates and writes nothing.
+        build_device = device if initialize else torch.device("meta")
         layer_numbers = list(range(config.num_layers) if layer_numbers is None else layer_numbers)
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
@@ -100,7 +103,8 @@ class GPTModel(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.tp, self.cp = pstate.tp, pstate.cp
         self.rng_tracker = rng_tracker or RNGStatesTracker.for_rank(seed, pstate, device)
-        common = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device)
+        common = dict(sequence_parallel=sequence_parallel, params_dtype=params_dtype,
+                      device=build_device)
 
         tied = config.tied_embeddings
         if pre_process or (post_process and tied):
@@ -121,8 +125,10 @@ class GPTModel(nn.Module):
 
         for name, param in self.named_parameters():
             param.global_name = name
-        if initialize:  # False: left uninitialised for a checkpoint load to fill
+        if initialize:
             initialize_parameters(self, config, seed, pstate)
+        else:  # left uninitialised for a checkpoint load to fill
+            materialize(self, device)
         if compile_layers:  # --compile-layers
             self.decoder.compile_layers()
 

@@ -127,3 +127,20 @@ def initialize_parameters(model: nn.Module, config: ModelConfig, seed: int, psta
         if param.device.type == "meta":
             continue
         param.copy_(parameter_initial_shard(param, config, seed, pstate))
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every parameter of ``model`` (built on the meta device) uninitialised storage on
+    ``device``, keeping its tags (global_name, tensor_model_parallel, ...) and requires_grad: the
+    model a checkpoint load is about to fill, with nothing drawn or written."""
+    done: dict[int, nn.Parameter] = {}  # a parameter held by two modules stays one parameter
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or param.device.type != "meta":
+                continue
+            if id(param) not in done:
+                real = nn.Parameter(torch.empty_like(param, device=device),
+                                    requires_grad=param.requires_grad)
+                real.__dict__.update(param.__dict__)
+                done[id(param)] = real
+            module._parameters[name] = done[id(param)]

@@ -9,7 +9,8 @@ the memory model's prediction.
    AdamW on the device); fp16 loss scaling skipping the same overflowing steps on both.
 2. Throughput: ``bench/step_throughput.py``'s bf16 comparison (slimtron's real optimizer path vs
    HF with autocast and torch AdamW) on the ~1B model, MFU against the vendor peak of
-   ``slimtron.flops``.
+   ``slimtron.flops``; on the GPU also slimtron with ``--compile-layers``; each side's step split
+   into matmul, attention and the rest (``--breakdown``).
 3. Memory: ``torch.cuda.max_memory_allocated`` over slimtron's steps next to
    ``slimtron.memory.plan_stage`` (weights + grads + optimizer + activations).
 
@@ -209,8 +210,11 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True  # as training runs
     cfg = small_llama() if args.cpu else llama_1b()
     # Batch 2 x 2048 keeps both models and their optimizers within an 80 GB GPU.
+    # --breakdown: where each side's step goes, and the ceiling of slimtron/HF; on the GPU also
+    # slimtron with --compile-layers, timed in turn with the two others (is it a win there?).
     bench = argparse.Namespace(micro_batch_size=2,
-                               warmup=0 if args.cpu else 2, steps=1 if args.cpu else 5)
+                               warmup=0 if args.cpu else 2, steps=1 if args.cpu else 5,
+                               breakdown=True, side_by_side=not args.cpu)
     cfg.seq_length = cfg.max_position_embeddings = 64 if args.cpu else 2048
     print(f"2. one training step, bf16, {'tiny-llama' if args.cpu else 'Llama 1.1B'} "
           f"(batch {bench.micro_batch_size} x {cfg.seq_length})", flush=True)

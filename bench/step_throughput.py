@@ -21,7 +21,12 @@ measured).
 
 Usage: python bench/step_throughput.py [--preset llama-100m] [--micro-batch-size 4]
                                        [--seq-length 512] [--warmup 2] [--steps 5]
-                                       [--compile-layers] [--side-by-side] [--threads N]
+                                       [--compile-layers] [--side-by-side] [--breakdown]
+                                       [--threads N]
+
+--breakdown profiles one more step of each side and splits its median step into matmuls,
+attention kernels and the rest; the ceiling it prints is the ratio slimtron would reach if its rest
+took no time (its matmuls and attention being what they are).
 
 --compile-layers builds slimtron's model as training's --compile-layers does; --side-by-side also
 times slimtron with the other setting (same weights), in turn with the two others, so that the
@@ -154,6 +159,29 @@ def time_alternating(steps: dict[str, Callable[[], float]], warmup: int,
     return times
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+ATTENTION_MARKS = ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention")
+
+
+def time_by_kind(step: Callable[[], float], device: torch.device) -> dict[str, float]:
+    """Seconds of one step (profiled) spent in matmuls and in attention kernels: the ops' own
+    time, on the device for CUDA, on the host thread for the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+
+    def seconds(event) -> float:
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        return own / 1e6
+
+    events = prof.key_averages()
+    return {"matmul": sum(seconds(e) for e in events if e.key in MATMUL_OPS),
+            "attention": sum(seconds(e) for e in events
+                             if any(mark in e.key for mark in ATTENTION_MARKS))}
+
+
 def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -> dict:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
@@ -175,10 +203,15 @@ def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -
             other, dtype_name, tokens, labels)
     seconds = time_alternating(steps, args.warmup, args.steps)
     tokens_per_step = tokens.numel()
-    return {"dtype": dtype_name, "initial_loss": initial,
-            "best": {k: tokens_per_step / min(s) for k, s in seconds.items()},
-            "median": {k: tokens_per_step / statistics.median(s) for k, s in seconds.items()},
-            "peak": flops.device_peak(dtype, device)}
+    result = {"dtype": dtype_name, "initial_loss": initial,
+              "best": {k: tokens_per_step / min(s) for k, s in seconds.items()},
+              "median": {k: tokens_per_step / statistics.median(s) for k, s in seconds.items()},
+              "peak": flops.device_peak(dtype, device)}
+    if getattr(args, "breakdown", False):
+        result["breakdown"] = {name: {**time_by_kind(steps[name], device),
+                                      "step": statistics.median(seconds[name])}
+                               for name in ("slimtron", "hf")}
+    return result
 
 
 def format_result(result: dict, flops_per_token: float) -> list[str]:
@@ -197,6 +230,22 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
     for name in (n for n in best if n != "hf"):
         lines.append(f"  {name} / HF tokens/s: best {best[name] / best['hf']:.3f}, "
                      f"median {median[name] / median['hf']:.3f}")
+    if "breakdown" in result:
+        lines += format_breakdown(result["breakdown"])
+    return lines
+
+
+def format_breakdown(breakdown: dict) -> list[str]:
+    """Each side's median step split into matmul, attention and the rest, and the ceiling: the
+    slimtron/HF ratio if everything but slimtron's matmuls and attention took no time."""
+    lines = ["  median step (s) = matmul + attention + rest (one profiled step each):"]
+    for name, part in breakdown.items():
+        rest = part["step"] - part["matmul"] - part["attention"]
+        lines.append(f"    {name:<9} {part['step']:6.3f} = {part['matmul']:6.3f} + "
+                     f"{part['attention']:6.3f} + {rest:6.3f}")
+    ours = breakdown["slimtron"]
+    ceiling = breakdown["hf"]["step"] / (ours["matmul"] + ours["attention"])
+    lines.append(f"  ceiling with slimtron's rest at zero: {ceiling:.3f}x HF (median)")
     return lines
 
 
@@ -214,6 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--side-by-side", action="store_true",
                         help="also time slimtron with the other --compile-layers setting, in turn "
                              "with the two others")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile one step of each side: matmul, attention and the rest, "
+                             "and the ceiling ratio if slimtron's rest took no time")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 is steadier on busy cores")
     return parser.parse_args(argv)

@@ -26,7 +26,7 @@ and sizes as int64; each entry name, shape and dtype once) and the JSON zlib-com
 checkpoint's total bytes for scale. Figures above 100 MB or 5 s to parse are flagged.
 
 Usage: python bench/checkpoint_metadata.py [--layouts tp8.pp8.dp8,tp8.pp8.dp16,tp8.pp16.dp8]
-           [--check-shortcut] [-- pretrain_gpt.py flags (default: --preset llama2-70b, bf16,
+           [-- pretrain_gpt.py flags (default: --preset llama2-70b, bf16,
            sequence parallel, distributed optimizer, micro-batch 1, global batch 1024)]
 A layout is dot-separated sizes: tp, pp, cp and dp (dp is required; the others default to 1).
 """
@@ -42,7 +42,6 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -188,54 +187,6 @@ def layout_metadata(config: Config, world: int) -> dict:
     return metadata_from_payloads(payloads, common_layout)
 
 
-# ------------------------------------------------------------------------------ shortcut check
-def shortcut_metadata(config: Config, world: int) -> dict:
-    """The same metadata from one built rank per (tp, pp) coordinate: a rank's records depend on
-    its (tp, pp) and on its dp x cp rank only through the flat ranges it writes, which this
-    derives from that one rank's gradient buffers (``param_shard_range`` at each dp x cp rank)
-    and the model-weight shares. Kept to show the full build is not needed for correctness."""
-    from slimtron.checkpointing.common import named_params
-    p = config.parallel
-    per_tp_pp = {}
-    for rank in range(world):
-        with fake_rank(rank, world):
-            engine = build_rank(config, META)
-            ps = engine.pstate
-            if ps.dp_cp.rank != 0:
-                continue
-            params = {n: q for n, q in named_params(engine.model_chunks).items()
-                      if dist_format._writes_param(q, ps)}
-            grads, size = engine.grads, ps.dp_cp.size
-            opt_name = engine.optimizer._global_name
-            ranges = []
-            for i in range(size):
-                grads.dp_rank = i
-                ranges.append({opt_name(q): r for q in grads.params
-                               if (r := grads.param_shard_range(q)) is not None
-                               and opt_name(q) in params})
-            grads.dp_rank = 0
-            per_tp_pp[(ps.tp.rank, ps.pp.rank)] = (engine, ps, ranges)
-    entries_by_rank, records_by_rank = [], []
-    for rank in range(world):
-        tp_rank = rank % p.tp
-        dp_cp = (rank // p.tp) % (p.cp * p.data_parallel_size)
-        pp_rank = rank // (p.tp * p.cp * p.data_parallel_size)
-        engine, ps0, ranges = per_tp_pp[(tp_rank, pp_rank)]
-        ps = copy.copy(ps0)
-        ps.axes = dict(ps0.axes, dp_cp=SimpleNamespace(**{**vars(ps0.dp_cp), "rank": dp_cp}))
-        ps.rank = rank
-        engine.grads.dp_rank = dp_cp
-        engine.optimizer.shards = engine.optimizer._build_shards()
-        engine.grads.dp_rank = 0
-        with _collectives_of_dist_format(_GatherStandIn(ps0.dp_cp.group, ranges)):
-            entries, chunks = dist_format.plan(engine.model_chunks, engine.optimizer, ps,
-                                               config.model.vocab_size)
-        entries_by_rank.append(entries)
-        records_by_rank.append(dist_format.chunk_records(chunks, rank))
-    first = per_tp_pp[(0, 0)][1]
-    return dist_format.metadata(entries_by_rank, records_by_rank, layout_of(first))
-
-
 # ---------------------------------------------------------------------------------- figures
 def compact_bytes(meta: dict) -> int:
     """Bytes of the same information in a plain binary encoding: each entry once (name, dtype
@@ -347,9 +298,6 @@ def main(argv=None):
         argv, flags = argv[:at], argv[at + 1:]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default=DEFAULT_LAYOUTS)
-    parser.add_argument("--check-shortcut", action="store_true",
-                        help="also build one rank per (tp, pp) and compare that metadata with "
-                             "the full build's, byte for byte")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -360,13 +308,6 @@ def main(argv=None):
         row = measure(config, world, text)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.check_shortcut:
-            config, world = layout_config(flags, layout)
-            full = json.dumps(layout_metadata(config, world))
-            short = json.dumps(shortcut_metadata(config, world))
-            print(f"{text}: one rank per (tp, pp) gives "
-                  f"{'byte-identical' if full == short else 'DIFFERENT'} metadata "
-                  f"({len(full)} bytes)", flush=True)
     print(report(rows, model_text))
 
 

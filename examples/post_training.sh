@@ -8,7 +8,7 @@
 #      (--kd-teacher-load) against plain LM training (2 data-parallel processes each)
 #   4. validation perplexity before pruning, after, after KD, after plain training (a table)
 #   5. SFT on "complete the verse" pairs generated from the corpus, starting from the teacher's
-#      Hugging Face export (imported by convert_from_hf as a TP=2 checkpoint, trained on 2
+#      Hugging Face export (imported by convert_from_hf, trained on 2
 #      data-parallel processes) and exported back to Hugging Face: the loss on held-out response
 #      tokens before and after, and greedy answers that stop at eos
 # Knobs: OUT (runs/post_training), PRETRAIN_ITERS (150), RECOVER_ITERS (60), SFT_ITERS (60),
@@ -91,8 +91,7 @@ python3 examples/build_verse_sft.py --output-dir "$OUT/sft"
 rm -rf "$OUT/hf_base" "$OUT/sft_init" "$OUT/sft_ckpt" "$OUT/hf_sft"
 python3 tools/checkpoint/convert_to_hf.py --load "$TEACHER" --output "$OUT/hf_base"
 python3 tools/checkpoint/convert_from_hf.py --hf "$OUT/hf_base" --save "$OUT/sft_init" \
-  --tensor-model-parallel-size 2 --tokenizer-model "$TOKENIZER" \
-  --tokenizer-type SentencePieceTokenizer
+  --tokenizer-model "$TOKENIZER" --tokenizer-type SentencePieceTokenizer
 python3 examples/sft_check.py --load "$OUT/sft_init" --data "$OUT/sft/held_out.jsonl" --show 2 \
   | tee "$OUT/sft_before.log"
 run2 pretrain_gpt.py --preset quickstart-llama --sft \

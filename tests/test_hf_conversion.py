@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from slimtron import hf_mapping
-from slimtron.checkpointing import load_checkpoint, load_common, open_checkpoint, save_checkpoint
+from slimtron.checkpointing import (CKPT_FORMATS, load_checkpoint, load_common, open_checkpoint,
+                                  save_checkpoint)
 from slimtron.config import Config, ConfigError, DataConfig, ModelConfig
 from slimtron.data.tokenizers import SentencePieceTokenizer
 from slimtron.model import build_model_chunks, parameter_seed
@@ -38,6 +39,7 @@ def tool(name: str, folder: str = "tools/checkpoint"):
 
 
 to_hf, from_hf = tool("convert_to_hf"), tool("convert_from_hf")
+inspect_tool = tool("inspect_checkpoint")
 
 
 def llama_config() -> ModelConfig:
@@ -227,18 +229,24 @@ def assert_same_checkpoint(a_root: str, b_root: str, cfg: ModelConfig):
         assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_round_trip_is_bitwise(llama_ckpt, llama_hf, gpt2_ckpt, gpt2_hf, tmp_path, tp, pp):
-    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+@pytest.mark.parametrize("ckpt_format,tp,pp", [("torch_dist", 1, 1), ("torch", 1, 1),
+                                                ("torch", 2, 2)])
+def test_round_trip_is_bitwise(llama_ckpt, llama_hf, gpt2_ckpt, gpt2_hf, tmp_path, ckpt_format,
+                               tp, pp):
+    layout = ["--ckpt-format", ckpt_format, "--tensor-model-parallel-size", str(tp),
+              "--pipeline-model-parallel-size", str(pp)]
+    files = (["common.pt", "metadata.json", "shard_00000.bin"] if ckpt_format == "torch_dist" else
+             ["common.pt"] + [f"model_tp{t:02d}_pp{p:03d}.pt" for t in range(tp) for p in range(pp)])
     for name, ckpt, hf_dir, cfg in (("llama", llama_ckpt, llama_hf, llama_config()),
                                     ("gpt2", gpt2_ckpt, gpt2_hf, gpt2_config())):
         back = str(tmp_path / name)
         assert from_hf.main(["--hf", hf_dir, "--save", back] + layout) == 0
         assert_same_checkpoint(ckpt, back, cfg)
         _, common = load_common(back)
+        assert common["format_version"] == CKPT_FORMATS[ckpt_format]
         assert common["layout"]["tp"] == tp and common["layout"]["pp"] == pp
-        assert sorted(os.listdir(os.path.join(back, "iter_0000000"))) == sorted(
-            ["common.pt"] + [f"model_tp{t:02d}_pp{p:03d}.pt" for t in range(tp) for p in range(pp)])
+        assert sorted(os.listdir(os.path.join(back, "iter_0000000"))) == sorted(files)
+        assert inspect_tool.main([back, "--verify"]) == 0  # whole, with no RNG files expected
         restored = Config.from_dict(common["config"])
         assert restored.data.tokenizer_type == "HuggingFaceTokenizer"
         assert restored.data.tokenizer_model == os.path.abspath(hf_dir)
@@ -247,6 +255,30 @@ def test_round_trip_is_bitwise(llama_ckpt, llama_hf, gpt2_ckpt, gpt2_hf, tmp_pat
                       "rotary_base", "position_embedding_type", "swiglu", "add_bias_linear",
                       "untie_embeddings_and_output_weights"):
             assert getattr(restored.model, field) == getattr(cfg, field), field
+
+
+def _load_converted_in_parallel(rank, world, converted, reference, cfg_dict, tp, pp):
+    """Each rank of a (tp, pp) layout loads the one-rank format-2 import and holds exactly its
+    shard of the reference checkpoint's tensors."""
+    cfg = ModelConfig(**cfg_dict)
+    pstate = ParallelState.build(tp=tp, pp=pp)
+    chunks = build_model_chunks(cfg, pstate, initialize=False)
+    load_checkpoint(converted, chunks, None, pstate=pstate, config=full_config(cfg, tp, pp),
+                    finetune=True)
+    ref_dir, ref_common = load_common(reference)
+    saved = open_checkpoint(ref_dir, ref_common)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            full = hf_mapping.pad_to(p.global_name, saved.full(p.global_name), p.full_shape)
+            want = shard_like(full, p, tp, pstate.tp.rank)
+            assert torch.equal(p.detach(), want.to(p.dtype)), (rank, p.global_name)
+
+
+def test_one_rank_import_loads_into_tp2_pp2(llama_ckpt, llama_hf, tmp_path):
+    converted = str(tmp_path / "converted")
+    assert from_hf.main(["--hf", llama_hf, "--save", converted]) == 0
+    run_distributed(_load_converted_in_parallel, 4, converted, llama_ckpt,
+                    llama_config().__dict__, 2, 2)
 
 
 # ------------------------------------------------------------------------------- from HF
@@ -265,7 +297,11 @@ def test_transformers_llama_with_gqa_imports_with_same_logits(tmp_path, capsys):
                 p.add_(torch.randn_like(p) * 0.3)
     hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
     hf.save_pretrained(hf_dir)
-    assert from_hf.main(["--hf", hf_dir, "--save", ckpt, "--tensor-model-parallel-size", "2"]) == 0
+    # Format 2 (the default) holds no layout: TP/PP sizes are format 1's, refused here.
+    assert from_hf.main(["--hf", hf_dir, "--save", ckpt, "--tensor-model-parallel-size", "2"]) == 1
+    assert "choose the files of --ckpt-format torch only" in capsys.readouterr().err
+    assert not os.path.exists(ckpt)
+    assert from_hf.main(["--hf", hf_dir, "--save", ckpt]) == 0
     _, common = load_common(ckpt)
     config = Config.from_dict(common["config"])
     assert config.model.num_query_groups == 2 and config.model.num_attention_heads == 6

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from slimtron.checkpointing import dist_format, v1
 from slimtron.checkpointing.common import (COMMON_FILE, OPTIM_KEYS, TRACKER, barrier,
-                                           check_same_model, fsync_dir, iteration_dir,
-                                           latest_iteration, layout_of, load_common, load_file,
+                                           check_same_model, fsync_dir, has_rng_states,
+                                           iteration_dir, latest_iteration, layout_of,
+                                           load_common, load_file,
                                            optimizer_reload_main_params, rng_file, rng_state,
                                            set_rng_state, write_atomic, write_tracker)
 from slimtron.config import ConfigError
@@ -246,7 +247,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, pstate, config,
     layout = common["layout"]
     same_layout = (layout["world"] == pstate.world_size and layout["tp"] == pstate.tp.size
                    and layout["pp"] == pstate.pp.size)
-    restored = load_rng and same_layout and set_rng_state(
+    restored = load_rng and same_layout and has_rng_states(common) and set_rng_state(
         load_file(os.path.join(ckpt_dir, rng_file(pstate.rank))), pstate.device, rng_tracker)
     return {"iteration": common["iteration"], "consumed_samples": common["consumed_samples"],
             "extra": common.get("extra", {}), "rng_restored": restored}

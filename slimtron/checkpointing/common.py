@@ -72,6 +72,12 @@ def fsync_dir(path: str):
 
 
 # ----------------------------------------------------------------------------------------- RNG
+def has_rng_states(common: dict) -> bool:
+    """Whether the checkpoint holds every rank's RNG states: an import (convert_from_hf) holds
+    weights only."""
+    return "converted_from" not in common.get("extra", {})
+
+
 def rng_state(device: torch.device, rng_tracker=None) -> dict:
     """Every generator this rank draws from: CPU ones, its own device's, the tracker's streams."""
     state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),

@@ -119,19 +119,7 @@ def plan(model_chunks, optimizer, pstate, vocab_size: int) -> tuple:
     entries, chunks = {}, []
 
     def add(prefix: str, name: str, flat: torch.Tensor, base: int, start: int, end: int):
-        lay = layouts[name]
-        for block, (key, shape) in enumerate(lay.entries(pstate.tp.size).items()):
-            entries[prefix + key] = {"shape": list(shape),
-                                     "dtype": str(flat.dtype).removeprefix("torch.")}
-            if lay.chunks > 1:  # block `block` of `chunks` along dim of the parameter
-                entries[prefix + key]["block"] = [block, lay.chunks, lay.dim]
-        for box in flat_range_boxes(lay.local_shape, start, end):
-            for key, entry_box, local_box in lay.pieces(box):
-                if not _contiguous(lay.local_shape, local_box):
-                    raise ValueError(f"checkpoint: a piece of {name} is not contiguous")
-                at = flat_offset(lay.local_shape, local_box) - base
-                chunks.append(Chunk(prefix + key, entry_box,
-                                    flat[at:at + local_box.numel].view(local_box.sizes)))
+        _add_range(entries, chunks, layouts[name], pstate.tp.size, prefix, flat, base, start, end)
 
     for name, p in params.items():
         start, end = _share(0, p.numel(), axis.rank, axis.size)
@@ -144,6 +132,25 @@ def plan(model_chunks, optimizer, pstate, vocab_size: int) -> tuple:
             for key in OPTIM_KEYS:
                 add(f"optim/{key}/", name, flats[key], base, start, end)
     return entries, chunks
+
+
+def _add_range(entries: dict, chunks: list, lay: ParamLayout, tp_size: int, prefix: str,
+               flat: torch.Tensor, base: int, start: int, end: int):
+    """Add to ``entries`` one parameter's entries (under ``prefix``: "model/", "optim/<key>/")
+    and to ``chunks`` those of elements [start, end) of its TP-local tensor, ``flat`` holding
+    its elements from ``base`` on."""
+    for block, (key, shape) in enumerate(lay.entries(tp_size).items()):
+        entries[prefix + key] = {"shape": list(shape),
+                                 "dtype": str(flat.dtype).removeprefix("torch.")}
+        if lay.chunks > 1:  # block `block` of `chunks` along dim of the parameter
+            entries[prefix + key]["block"] = [block, lay.chunks, lay.dim]
+    for box in flat_range_boxes(lay.local_shape, start, end):
+        for key, entry_box, local_box in lay.pieces(box):
+            if not _contiguous(lay.local_shape, local_box):
+                raise ValueError(f"checkpoint: a piece of {lay.name} is not contiguous")
+            at = flat_offset(lay.local_shape, local_box) - base
+            chunks.append(Chunk(prefix + key, entry_box,
+                                flat[at:at + local_box.numel].view(local_box.sizes)))
 
 
 def _aligned(n: int) -> int:
@@ -238,6 +245,39 @@ def write_metadata(path: str, meta: dict):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class SingleRankWriter:
+    """A format-2 save written by one process one parameter at a time, as rank 0 of a
+    one-rank layout (tools: convert_from_hf): only the parameter at hand is in memory, and the
+    result loads, reading only its own bytes, into any layout."""
+
+    def __init__(self, directory: str, vocab_size: int):
+        self.directory, self.vocab_size = directory, vocab_size
+        self._file = open(os.path.join(directory, shard_file(0)), "wb", buffering=0)
+        self.entries: dict = {}
+        self.records: list = []
+        self.offset = 0
+
+    def add(self, param, value: torch.Tensor):
+        """``value``: the full (host) tensor of ``param``, a parameter tagged as the model's
+        (global_name, full_shape, TP attributes) of a tp=1 model, e.g. built on meta."""
+        chunks: list = []
+        _add_range(self.entries, chunks, ParamLayout.of(param, 0, self.vocab_size), 1, "model/",
+                   value.contiguous().reshape(-1), 0, 0, value.numel())
+        for record in chunk_records(chunks, 0):
+            record["byte_offset"] += self.offset
+            self.records.append(record)
+        for c in chunks:
+            self.offset += _write_all(self._file, _host_bytes(c.data.contiguous()))
+
+    def finish(self, layout: dict) -> dict:
+        """Sync and close the shard file; write and return the metadata."""
+        os.fsync(self._file.fileno())
+        self._file.close()
+        meta = metadata([self.entries], [self.records], layout)
+        write_metadata(os.path.join(self.directory, METADATA_FILE), meta)
+        return meta
 
 
 # ---------------------------------------------------------------------------------- reading

@@ -1,15 +1,20 @@
 #!/usr/bin/env python
 """Import a local Hugging Face Llama or GPT-2 directory as a slimtron checkpoint.
 
-    python tools/checkpoint/convert_from_hf.py --hf hf_dir/ --save ckpt/ \\
-        [--tensor-model-parallel-size T --pipeline-model-parallel-size P] [--tokenizer-model PATH]
+    python tools/checkpoint/convert_from_hf.py --hf hf_dir/ --save ckpt/ [--tokenizer-model PATH]
+        [--ckpt-format torch --tensor-model-parallel-size T --pipeline-model-parallel-size P]
 
-Writes iteration 0 with no optimizer state, in the files ``save_checkpoint`` writes for a (T, P)
-layout (any layout loads it; T and P only choose the files). Continue from it with
+Writes iteration 0 with no optimizer state. Continue from it with
 ``pretrain_gpt.py --load ckpt/ --finetune ...``. The model's shape comes from config.json; the
 weights go through ``slimtron.hf_mapping``'s table in the HF -> slimtron direction, in the dtype
-they are stored in. The shard structure (which parameters a stage holds, how each is split) is read
-from the model itself, built on the meta device for every (tp, pp) rank.
+they are stored in, one tensor at a time (memory: the largest tensor, not the model).
+
+- ``--ckpt-format torch_dist`` (default): format 2, written as by one rank; any layout loads it
+  and each rank reads only the bytes of its own shards.
+- ``--ckpt-format torch``: format 1, the files ``save_checkpoint`` writes for a (T, P) layout
+  (any layout loads it too, but every rank reads whole tensors of its stage). The shard structure
+  (which parameters a stage holds, how each is split) is read from the model itself, built on the
+  meta device for every (tp, pp) rank.
 
 The tokenizer recorded in the checkpoint: --tokenizer-model (a sentencepiece .model file or a
 tokenizer directory) when given, else the HF directory itself when it holds a tokenizer.
@@ -125,11 +130,7 @@ def write_stage(weights: HFWeights, cfg: ModelConfig, rules: dict, tp: int, pp: 
     shards = [{"params": {}, "meta": {}, "tp_rank": r, "tp_size": tp, "pp_rank": pp_rank}
               for r in range(tp)]
     for name, meta_param in per_rank[0].items():
-        if name not in rules:
-            raise ConfigError(f"slimtron parameter {name} has no row in the Hugging Face mapping")
-        rule = rules[name]
-        full = hf_mapping.from_hf(rule, {n: weights.get(n) for n in rule.theirs}, cfg)
-        full = hf_mapping.pad_to(name, full, meta_param.full_shape)
+        full = hf_tensor(weights, cfg, rules, name, meta_param)
         for tp_rank, params in enumerate(per_rank):
             p = params[name]
             shards[tp_rank]["params"][name] = shard_like(full, p, tp, tp_rank).clone()
@@ -138,9 +139,37 @@ def write_stage(weights: HFWeights, cfg: ModelConfig, rules: dict, tp: int, pp: 
         torch.save(shard, os.path.join(out_dir, checkpointing.model_file(tp_rank, pp_rank)))
 
 
+def write_dist(weights: HFWeights, cfg: ModelConfig, rules: dict, out_dir: str) -> dict:
+    """Format 2 as written by the one rank of a tp=1, pp=1 layout; returns its layout."""
+    writer = checkpointing.dist_format.SingleRankWriter(out_dir, cfg.vocab_size)
+    for name, meta_param in stage_parameters(cfg, 1, 1, 0)[0].items():
+        writer.add(meta_param, hf_tensor(weights, cfg, rules, name, meta_param))
+    layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "world": 1}
+    writer.finish(layout)
+    return layout
+
+
+def hf_tensor(weights: HFWeights, cfg: ModelConfig, rules: dict, name: str,
+              meta_param) -> torch.Tensor:
+    """The full tensor of slimtron parameter ``name`` from the HF weights (vocabulary padded)."""
+    if name not in rules:
+        raise ConfigError(f"slimtron parameter {name} has no row in the Hugging Face mapping")
+    rule = rules[name]
+    full = hf_mapping.from_hf(rule, {n: weights.get(n) for n in rule.theirs}, cfg)
+    return hf_mapping.pad_to(name, full, meta_param.full_shape)
+
+
 def convert(hf_dir: str, save: str, tp: int = 1, pp: int = 1,
-            tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None) -> Config:
+            tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None,
+            ckpt_format: str = "torch_dist") -> Config:
     """Write the checkpoint; returns its Config."""
+    if ckpt_format not in checkpointing.CKPT_FORMATS:
+        raise ConfigError(f"--ckpt-format {ckpt_format!r}: expected one of "
+                          f"{', '.join(checkpointing.CKPT_FORMATS)}")
+    if ckpt_format == "torch_dist" and (tp, pp) != (1, 1):
+        raise ConfigError("--tensor-model-parallel-size / --pipeline-model-parallel-size choose "
+                          "the files of --ckpt-format torch only: a torch_dist checkpoint loads "
+                          "into any layout")
     cfg, warnings = read_hf_config(hf_dir)
     for w in warnings:
         print(f"convert_from_hf: warning: {w}", file=sys.stderr)
@@ -160,32 +189,37 @@ def convert(hf_dir: str, save: str, tp: int = 1, pp: int = 1,
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for pp_rank in range(pp):
-        write_stage(weights, cfg, rules, tp, pp, pp_rank, tmp)
+    if ckpt_format == "torch_dist":
+        layout = write_dist(weights, cfg, rules, tmp)
+    else:
+        for pp_rank in range(pp):
+            write_stage(weights, cfg, rules, tp, pp, pp_rank, tmp)
+        layout = {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp}
     left = weights.unused()
     if left:
         raise ConfigError(f"--hf {hf_dir}: {len(left)} tensors have no slimtron parameter, "
                           f"e.g. {', '.join(left[:3])}")
-    torch.save(_common(config, tp, pp), os.path.join(tmp, "common.pt"))
+    common = {"format_version": checkpointing.CKPT_FORMATS[ckpt_format], "iteration": 0,
+              "consumed_samples": 0, "config": config.to_dict(), "layout": layout,
+              "optimizer": None, "extra": {"converted_from": "huggingface"}}
+    torch.save(common, os.path.join(tmp, "common.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     checkpointing.common.write_tracker(save, 0)
     return config
 
 
-def _common(config: Config, tp: int, pp: int) -> dict:
-    return {"format_version": checkpointing.v1.FORMAT_VERSION, "iteration": 0,
-            "consumed_samples": 0, "config": config.to_dict(),
-            "layout": {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp},
-            "optimizer": None, "extra": {"converted_from": "huggingface"}}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--save", required=True, help="checkpoint directory to create")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--ckpt-format", default="torch_dist", choices=sorted(checkpointing.CKPT_FORMATS),
+                   help="torch_dist (format 2, default): any layout loads it reading only its "
+                        "own bytes; torch: format 1's files for the layout given next")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="with --ckpt-format torch: the TP size whose files are written")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="with --ckpt-format torch: the PP size whose files are written")
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--tokenizer-type", default=None)
     return p.parse_args(argv)
@@ -197,10 +231,12 @@ def main(argv=None) -> int:
     def work():
         m = convert(args.hf, args.save, args.tensor_model_parallel_size,
                     args.pipeline_model_parallel_size, args.tokenizer_model,
-                    args.tokenizer_type).model
+                    args.tokenizer_type, args.ckpt_format).model
+        files = ("any layout loads it" if args.ckpt_format == "torch_dist" else
+                 f"files of tp={args.tensor_model_parallel_size} "
+                 f"pp={args.pipeline_model_parallel_size}")
         print(f"wrote {hf_mapping.architecture(m)} checkpoint ({m.num_layers} layers, hidden "
-              f"{m.hidden_size}) to {args.save} for tp={args.tensor_model_parallel_size} "
-              f"pp={args.pipeline_model_parallel_size}")
+              f"{m.hidden_size}) to {args.save}, --ckpt-format {args.ckpt_format} ({files})")
 
     return run_tool("convert_from_hf", work)
 

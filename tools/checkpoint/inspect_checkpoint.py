@@ -57,7 +57,7 @@ def verify(ckpt_dir: str, common: dict) -> list:
     """Problems found (empty when the checkpoint is whole). Raises nothing for a damaged file:
     each is one line."""
     problems = []
-    world = common.get("layout", {}).get("world", 0)
+    world = common.get("layout", {}).get("world", 0) if ckpt_common.has_rng_states(common) else 0
     for rank in range(world):
         problems += _check_loadable(os.path.join(ckpt_dir, ckpt_common.rng_file(rank)))
     if common.get("format_version") == v1.FORMAT_VERSION:

@@ -73,8 +73,9 @@ class _Stop(Exception):
 class _GatherStandIn:
     """Stands in for ``torch.distributed`` inside ``dist_format`` while a plan runs on the fake
     process group: ``all_gather_object`` either records this rank's object and stops the plan
-    (``answer`` None), or fills the output with ``answer`` (the recorded objects of the group's
-    ranks, in axis order). Everything else is torch.distributed's own."""
+    (``answer`` None), or fills the output with ``answer`` (the objects recorded for the group's
+    ranks, in axis order; None for a rank whose plan never gathered, an error if asked for).
+    Everything else is torch.distributed's own."""
 
     def __init__(self, group, answer=None):
         self.group, self.answer, self.recorded = group, answer, None
@@ -85,8 +86,9 @@ class _GatherStandIn:
         if self.answer is None:
             self.recorded = copy.deepcopy(obj)
             raise _Stop
-        if len(out) != len(self.answer):
-            raise RuntimeError(f"gather of {len(out)} objects, {len(self.answer)} recorded")
+        if len(out) != len(self.answer) or any(o is None for o in self.answer):
+            raise RuntimeError(f"plan gathered {len(out)} objects; the first pass recorded "
+                               f"{sum(o is not None for o in self.answer)} for this group")
         out[:] = copy.deepcopy(self.answer)
 
     def __getattr__(self, name):
@@ -158,10 +160,7 @@ def gathered_payloads(config: Config, world: int, progress=None) -> tuple:
             progress(rank, world, 1)
 
     def answer_for(pstate):
-        objs = [recorded[r] for r in axis_ranks[pstate.rank]]
-        if any(o is None for o in objs):
-            raise RuntimeError(f"rank {pstate.rank}: a rank of its dp x cp group did not gather")
-        return objs
+        return [recorded[r] for r in axis_ranks[pstate.rank]]
 
     # Pass 2: the real plan with the real gathered ranges.
     payloads, common_layout = [], None

@@ -5,6 +5,7 @@ parallelism and at cp=2; dropout masks replay under recomputation; pretrain_gpt.
 losses; the flag parses, and the dry run (meta tensors, eager's memory model) refuses it in one
 line. Every case runs by default: with a cold inductor cache the file takes about 2.5 minutes on
 2 CPU cores (C++ builds of the generated kernels are most of it)."""
+import os
 import re
 import subprocess
 import sys
@@ -161,12 +162,19 @@ LOSSES = re.compile(r"(?:lm loss|lm loss value): ([0-9.E+-]+)")
 
 
 def _cli_losses(*extra):
+    # tiny("llama")'s layer shapes: the training graphs come from the on-disk inductor cache the
+    # tests above filled (only evaluation's inference graph compiles here); one compile thread
+    # as in this process, so the cache keys agree and no worker pool starts
     out = subprocess.run(
         [sys.executable, "pretrain_gpt.py", "--preset", "tiny-llama", "--mock-data",
+         "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "88",
+         "--num-attention-heads", "4", "--seq-length", "16", "--max-position-embeddings", "16",
+         "--vocab-size", "200", "--make-vocab-size-divisible-by", "32",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
          "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
          "--eval-iters", "1", *extra],
-        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     return [float(v) for v in LOSSES.findall(out.stdout)]
 

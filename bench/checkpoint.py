@@ -185,9 +185,9 @@ def _versus_dcp_rank(rank, world, args):
     chunk = dist_format.Chunk("w", Box((rank * rows, 0), (rows, n)), mine)
     dist_format.write_chunks(os.path.join(own_dir, dist_format.shard_file(rank)), [chunk])
     records = [None] * world
-    torch.distributed.all_gather_object(records, dist_format.chunk_records([chunk], rank))
+    torch.distributed.all_gather_object(records, dist_format.chunk_records([chunk]))
     if rank == 0:
-        meta = dist_format.metadata([{"w": {"shape": [n, n], "dtype": "float32"}}] * world,
+        meta = dist_format.metadata([{"w": ([n, n], "float32", None)}] * world,
                                     records, {})
         dist_format.write_metadata(os.path.join(own_dir, dist_format.METADATA_FILE), meta)
     torch.distributed.barrier()

@@ -168,7 +168,7 @@ def gathered_payloads(config: Config, world: int, progress=None) -> tuple:
         pstate, entries, chunks = _plan_rank(config, rank, world, answer_for)
         if chunks is None:
             raise RuntimeError(f"rank {rank}: plan stopped in the second pass")
-        records = dist_format.chunk_records(chunks, pstate.rank)
+        records = dist_format.chunk_records(chunks)
         payloads.append(pickle.dumps((entries, records)))
         if rank == 0:
             common_layout = layout_of(pstate)

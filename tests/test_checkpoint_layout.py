@@ -78,8 +78,8 @@ def test_reader_reads_only_the_bytes_it_needs(tmp_path):
     boxes = [Box((0, 0), (5, 10)), Box((5, 0), (7, 4)), Box((5, 4), (7, 6))]
     chunks = [dist_format.Chunk("model/w", b, full[b.slices()].contiguous()) for b in boxes]
     dist_format.write_chunks(str(tmp_path / dist_format.shard_file(0)), chunks)
-    meta = dist_format.metadata([{"model/w": {"shape": [12, 10], "dtype": "bfloat16"}}],
-                                [dist_format.chunk_records(chunks, 0)], {})
+    meta = dist_format.metadata([{"model/w": ([12, 10], "bfloat16", None)}],
+                                [dist_format.chunk_records(chunks)], {})
     assert meta["files"] == {dist_format.shard_file(0): full.numel() * 2}
     dist_format.write_metadata(str(tmp_path / dist_format.METADATA_FILE), meta)
     reader = dist_format.Reader(str(tmp_path))
@@ -100,9 +100,15 @@ def test_reader_reads_only_the_bytes_it_needs(tmp_path):
         reader.read_into("model/w", Box((12, 0), (2, 2)), torch.zeros(2, 2), "w")
     reader.close()
     os.truncate(str(tmp_path / dist_format.shard_file(0)), 100)
-    with pytest.raises(ValueError, match=r"shard_00000.bin is damaged: 100 bytes, metadata.json "
-                                         r"says 240"):
-        dist_format.Reader(str(tmp_path))
+    damaged = r"shard_00000.bin is damaged: 100 bytes, metadata.json says 240"
+    reader = dist_format.Reader(str(tmp_path))  # opens no shard file: a load opens its own only
+    with pytest.raises(ValueError, match=damaged):
+        reader.read_into("model/w", Box((0, 0), (1, 1)), torch.zeros(1, 1), "w")
+    with pytest.raises(ValueError, match=damaged):
+        reader.check_files()
+    os.remove(str(tmp_path / dist_format.shard_file(0)))
+    with pytest.raises(ValueError, match=r"shard_00000.bin is missing"):
+        dist_format.Reader(str(tmp_path)).check_files()
 
 
 class _Payload:

@@ -91,7 +91,7 @@ def _plan_job(root, iteration, model_chunks, optimizer, pstate, config, consumed
         os.makedirs(final + ".tmp")
     barrier()
     entries, chunks = dist_format.plan(model_chunks, optimizer, pstate, config.model.vocab_size)
-    records = dist_format.chunk_records(chunks, pstate.rank)
+    records = dist_format.chunk_records(chunks)
     gathered = [None] * pstate.world_size if pstate.rank == 0 else None
     if dist.is_initialized() and pstate.world_size > 1:
         dist.gather_object((entries, records), gathered, dst=0)

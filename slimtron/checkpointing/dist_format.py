@@ -111,7 +111,7 @@ def _contiguous(shape: tuple, box: Box) -> bool:
 
 
 def plan(model_chunks, optimizer, pstate, vocab_size: int) -> tuple:
-    """``(entries, chunks)``: ``{key: {"shape", "dtype"}}`` of every entry this rank writes to,
+    """``(entries, chunks)``: ``{key: (shape, dtype, block)}`` of every entry this rank writes to,
     and the chunks it writes. Collective over ``pstate.dp_cp`` when the optimizer is given."""
     params = {n: p for n, p in named_params(model_chunks).items() if _writes_param(p, pstate)}
     axis = pstate.dp_cp
@@ -140,10 +140,9 @@ def _add_range(entries: dict, chunks: list, lay: ParamLayout, tp_size: int, pref
     and to ``chunks`` those of elements [start, end) of its TP-local tensor, ``flat`` holding
     its elements from ``base`` on."""
     for block, (key, shape) in enumerate(lay.entries(tp_size).items()):
-        entries[prefix + key] = {"shape": list(shape),
-                                 "dtype": str(flat.dtype).removeprefix("torch.")}
-        if lay.chunks > 1:  # block `block` of `chunks` along dim of the parameter
-            entries[prefix + key]["block"] = [block, lay.chunks, lay.dim]
+        # block: block `block` of `chunks` along dim of the parameter, when it has blocks
+        entries[prefix + key] = (list(shape), str(flat.dtype).removeprefix("torch."),
+                                 [block, lay.chunks, lay.dim] if lay.chunks > 1 else None)
     for box in flat_range_boxes(lay.local_shape, start, end):
         for key, entry_box, local_box in lay.pieces(box):
             if not _contiguous(lay.local_shape, local_box):
@@ -177,27 +176,34 @@ def stage(chunks: list, buffer: torch.Tensor) -> list:
     return out
 
 
-def chunk_records(chunks: list, rank: int) -> list:
-    """Metadata of the chunks as ``write_chunks`` lays them out in this rank's file."""
-    records, offset = [], 0
+def chunk_records(chunks: list, start: int = 0) -> list:
+    """``(key, byte offset, offsets, sizes)`` of the chunks as ``write_chunks`` lays them out in
+    a rank's file from byte ``start``: plain tuples, which rank 0 gathers from every rank at each
+    save (at thousands of ranks, dicts cost seconds to unpickle)."""
+    records, offset = [], start
     for c in chunks:
-        records.append({"key": c.key, "offsets": list(c.box.offsets), "sizes": list(c.box.sizes),
-                        "file": shard_file(rank), "byte_offset": offset})
+        records.append((c.key, offset, c.box.offsets, c.box.sizes))
         offset += c.box.numel * c.data.element_size()
     return records
 
 
 def metadata(entries_by_rank: list, records_by_rank: list, common_layout: dict) -> dict:
+    """The metadata of a save from every rank's ``plan`` entries and ``chunk_records``, in rank
+    order (rank r writes ``shard_file(r)``)."""
     entries = {}
     for part in entries_by_rank:
-        entries.update({k: dict(v, chunks=[]) for k, v in part.items()})
+        for key, (shape, dtype, block) in part.items():
+            entries[key] = {"shape": shape, "dtype": dtype}
+            if block is not None:
+                entries[key]["block"] = block
+            entries[key]["chunks"] = []
     files = {}
-    for rank_records, rank_entries in zip(records_by_rank, entries_by_rank):
-        for r in rank_records:
-            entries[r["key"]]["chunks"].append([r["file"], r["byte_offset"], r["offsets"],
-                                                r["sizes"]])
-            item = math.prod(r["sizes"]) * _DTYPES[entries[r["key"]]["dtype"]].itemsize
-            files[r["file"]] = max(files.get(r["file"], 0), r["byte_offset"] + item)
+    for rank, rank_records in enumerate(records_by_rank):
+        file = shard_file(rank)
+        for key, byte_offset, offsets, sizes in rank_records:
+            entries[key]["chunks"].append([file, byte_offset, list(offsets), list(sizes)])
+            item = math.prod(sizes) * _DTYPES[entries[key]["dtype"]].itemsize
+            files[file] = max(files.get(file, 0), byte_offset + item)
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": common_layout,
             "files": files, "entries": entries}
 
@@ -265,9 +271,7 @@ class SingleRankWriter:
         chunks: list = []
         _add_range(self.entries, chunks, ParamLayout.of(param, 0, self.vocab_size), 1, "model/",
                    value.contiguous().reshape(-1), 0, 0, value.numel())
-        for record in chunk_records(chunks, 0):
-            record["byte_offset"] += self.offset
-            self.records.append(record)
+        self.records += chunk_records(chunks, self.offset)
         for c in chunks:
             self.offset += _write_all(self._file, _host_bytes(c.data.contiguous()))
 
@@ -297,21 +301,30 @@ class Reader:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint file {path} is damaged: {type(e).__name__}: "
                              f"{e}") from None
-        for name, size in files.items():
-            self._check_file(name, size)
+        for name in files:
+            if not _SHARD_NAME.fullmatch(name):  # never a path that leads out of the checkpoint
+                raise ValueError(f"checkpoint file {path} is damaged: it names a shard file "
+                                 f"{name!r}")
         self._fds: dict = {}
 
-    def _check_file(self, name: str, size: int):
-        if not _SHARD_NAME.fullmatch(name):  # never a path that leads out of the checkpoint
-            raise ValueError(f"checkpoint file {os.path.join(self.ckpt_dir, METADATA_FILE)} is "
-                             f"damaged: it names a shard file {name!r}")
+    def check_files(self):
+        """Every shard file present with the size the metadata gives (a load checks only the
+        files it opens: thousands of ranks each stat-ing every file is a metadata storm)."""
+        for name in self.meta["files"]:
+            os.close(self._open_checked(name))
+
+    def _open_checked(self, name: str) -> int:
         path = os.path.join(self.ckpt_dir, name)
-        if not os.path.exists(path):
-            raise ValueError(f"checkpoint file {path} is missing")
-        actual = os.path.getsize(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path} is missing") from None
+        actual, size = os.fstat(fd).st_size, self.meta["files"][name]
         if actual != size:
+            os.close(fd)
             raise ValueError(f"checkpoint file {path} is damaged: {actual} bytes, "
                              f"{METADATA_FILE} says {size}")
+        return fd
 
     def close(self):
         for fd in self._fds.values():
@@ -358,7 +371,7 @@ class Reader:
 
     def _fd(self, file_name: str) -> int:
         if file_name not in self._fds:
-            self._fds[file_name] = os.open(os.path.join(self.ckpt_dir, file_name), os.O_RDONLY)
+            self._fds[file_name] = self._open_checked(file_name)
         return self._fds[file_name]
 
     def _read_rect(self, file_name: str, byte_offset: int, chunk: Box, rect: Box,

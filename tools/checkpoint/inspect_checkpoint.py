@@ -68,6 +68,7 @@ def verify(ckpt_dir: str, common: dict) -> list:
         return problems
     try:
         reader = dist_format.Reader(ckpt_dir)
+        reader.check_files()
     except ValueError as e:
         return problems + [str(e)]
     problems += _check_coverage(reader)

@@ -3,8 +3,9 @@ relative) through the real training step (fp32 grad buffer, distributed optimize
 AdamW) with recomputation none/full/selective, with documents, for GPT-2, at tp=2 with sequence
 parallelism and at cp=2; dropout masks replay under recomputation; pretrain_gpt.py logs eager's
 losses; the flag parses, and the dry run (meta tensors, eager's memory model) refuses it in one
-line. Every case runs by default: with a cold inductor cache the file takes about 2.5 minutes on
-2 CPU cores (C++ builds of the generated kernels are most of it)."""
+line. Every case runs by default: with a cold inductor cache the file takes about 2 minutes on
+2 CPU cores, most of it g++ building the generated kernels. Identical layers share one compiled
+graph and every case uses tiny()'s shapes, so later cases reuse earlier graphs where they can."""
 import os
 import re
 import subprocess
@@ -27,8 +28,9 @@ from tests.test_model import batch, tiny
 
 @pytest.fixture(scope="module", autouse=True)
 def _inductor_for_tests():
-    """Inductor compiles in this process (no compile worker pool): a rank forked by
-    run_distributed would otherwise hand its C++ builds to the parent's pool and wait forever."""
+    """Inductor compiles in this process, without a compile worker pool: a rank forked by
+    run_distributed would otherwise hand its C++ builds to the parent's pool and wait forever.
+    Training's default (a pool) is unchanged outside this module."""
     with torch._inductor.config.patch(compile_threads=1):
         yield
 
@@ -130,8 +132,8 @@ def _parallel_steps(rank, world):
 
 
 def test_compiled_layers_tensor_and_context_parallel():
-    # compiling on two ranks at once is slow on shared cores: a generous timeout
-    for rank, out in enumerate(run_distributed(_parallel_steps, 2, timeout=900)):
+    # both ranks compile (under a minute cold on 2 cores); a hang fails within the timeout
+    for rank, out in enumerate(run_distributed(_parallel_steps, 2, timeout=300)):
         for case in ("tp=2+sp", "cp=2"):
             (loss, grads), (eager_loss, eager_grads) = out[case, True], out[case, False]
             _assert_rel_close(loss, eager_loss, f"{case} rank {rank}: loss")

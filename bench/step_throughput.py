@@ -35,6 +35,7 @@ compiled/eager comparison sees the same load.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -169,8 +170,10 @@ def time_by_kind(step: Callable[[], float], device: torch.device) -> dict[str, f
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with profile(activities=activities) as prof:
         step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
 
     def seconds(event) -> float:
         own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
@@ -179,7 +182,11 @@ def time_by_kind(step: Callable[[], float], device: torch.device) -> dict[str, f
     events = prof.key_averages()
     return {"matmul": sum(seconds(e) for e in events if e.key in MATMUL_OPS),
             "attention": sum(seconds(e) for e in events
-                             if any(mark in e.key for mark in ATTENTION_MARKS))}
+                             if any(mark in e.key for mark in ATTENTION_MARKS)),
+            # host memory touched for the first time (freshly mapped pages) and the kernel time
+            # it costs: on the CPU a part of "rest" that depends on the machine's memory state
+            "page_faults": after.ru_minflt - before.ru_minflt,
+            "kernel_s": after.ru_stime - before.ru_stime}
 
 
 def bench_dtype(cfg: ModelConfig, dtype_name: str, args, device: torch.device) -> dict:
@@ -238,11 +245,13 @@ def format_result(result: dict, flops_per_token: float) -> list[str]:
 def format_breakdown(breakdown: dict) -> list[str]:
     """Each side's median step split into matmul, attention and the rest, and the ceiling: the
     slimtron/HF ratio if everything but slimtron's matmuls and attention took no time."""
-    lines = ["  median step (s) = matmul + attention + rest (one profiled step each):"]
+    lines = ["  median step (s) = matmul + attention + rest (one profiled step each; rest includes "
+             "the kernel's time, mostly page faults of freshly mapped memory):"]
     for name, part in breakdown.items():
         rest = part["step"] - part["matmul"] - part["attention"]
         lines.append(f"    {name:<9} {part['step']:6.3f} = {part['matmul']:6.3f} + "
-                     f"{part['attention']:6.3f} + {rest:6.3f}")
+                     f"{part['attention']:6.3f} + {rest:6.3f}   (kernel {part['kernel_s']:.2f} s, "
+                     f"{part['page_faults'] * 4096 / 2**30:.2f} GiB of 4 KiB page faults)")
     ours = breakdown["slimtron"]
     ceiling = breakdown["hf"]["step"] / (ours["matmul"] + ours["attention"])
     lines.append(f"  ceiling with slimtron's rest at zero: {ceiling:.3f}x HF (median)")

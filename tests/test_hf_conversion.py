@@ -235,8 +235,9 @@ def test_round_trip_is_bitwise(llama_ckpt, llama_hf, gpt2_ckpt, gpt2_hf, tmp_pat
                                tp, pp):
     layout = ["--ckpt-format", ckpt_format, "--tensor-model-parallel-size", str(tp),
               "--pipeline-model-parallel-size", str(pp)]
-    files = (["common.pt", "metadata.json", "shard_00000.bin"] if ckpt_format == "torch_dist" else
-             ["common.pt"] + [f"model_tp{t:02d}_pp{p:03d}.pt" for t in range(tp) for p in range(pp)])
+    files = ["common.pt"] + (
+        ["metadata.json", "shard_00000.bin"] if ckpt_format == "torch_dist" else
+        [f"model_tp{t:02d}_pp{p:03d}.pt" for t in range(tp) for p in range(pp)])
     for name, ckpt, hf_dir, cfg in (("llama", llama_ckpt, llama_hf, llama_config()),
                                     ("gpt2", gpt2_ckpt, gpt2_hf, gpt2_config())):
         back = str(tmp_path / name)

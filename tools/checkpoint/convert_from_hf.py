@@ -213,7 +213,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf", required=True, help="local Hugging Face model directory")
     p.add_argument("--save", required=True, help="checkpoint directory to create")
-    p.add_argument("--ckpt-format", default="torch_dist", choices=sorted(checkpointing.CKPT_FORMATS),
+    p.add_argument("--ckpt-format", default="torch_dist",
+                   choices=sorted(checkpointing.CKPT_FORMATS),
                    help="torch_dist (format 2, default): any layout loads it reading only its "
                         "own bytes; torch: format 1's files for the layout given next")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,

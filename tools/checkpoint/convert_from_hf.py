@@ -144,7 +144,7 @@ def write_dist(weights: HFWeights, cfg: ModelConfig, rules: dict, out_dir: str) 
     writer = checkpointing.dist_format.SingleRankWriter(out_dir, cfg.vocab_size)
     for name, meta_param in stage_parameters(cfg, 1, 1, 0)[0].items():
         writer.add(meta_param, hf_tensor(weights, cfg, rules, name, meta_param))
-    layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "world": 1}
+    layout = checkpointing.common.layout_of(ParallelState.for_planning(1, 1, 1))
     writer.finish(layout)
     return layout
 
@@ -194,7 +194,7 @@ def convert(hf_dir: str, save: str, tp: int = 1, pp: int = 1,
     else:
         for pp_rank in range(pp):
             write_stage(weights, cfg, rules, tp, pp, pp_rank, tmp)
-        layout = {"tp": tp, "pp": pp, "dp": 1, "world": tp * pp}
+        layout = checkpointing.common.layout_of(ParallelState.for_planning(tp, pp, 1))
     left = weights.unused()
     if left:
         raise ConfigError(f"--hf {hf_dir}: {len(left)} tensors have no slimtron parameter, "

@@ -106,6 +106,8 @@ def check_kernels(report: Report, device: torch.device) -> None:
         "rms_norm": (lambda x, w: kernels.rms_norm(x, w, 1e-5), (x, w)),
         "swiglu": (kernels.swiglu, (x,)),
         "causal_attention": (kernels.causal_attention, (q, k, v)),
+        "unfused_attention": (lambda q, k, v: kernels.causal_attention(q, k, v, backend="unfused"),
+                              (q, k, v)),
     }
     for name, (fn, inputs) in cases.items():
         outs = []

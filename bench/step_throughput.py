@@ -164,6 +164,24 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_s
 ATTENTION_MARKS = ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention")
 
 
+UNFUSED_RANGES = ("unfused_attention", "unfused_attention_backward")
+
+
+def unfused_attention_seconds(events, seconds) -> tuple[float, float]:
+    """(all the time inside the unfused kernel's ranges, its matmuls' own time)."""
+    total = matmuls = 0.0
+    for event in events:
+        if event.name not in UNFUSED_RANGES:
+            continue
+        stack = [event]
+        while stack:  # the range and everything under it, each op's own time once
+            op = stack.pop()
+            total += seconds(op)
+            matmuls += seconds(op) if op.name in MATMUL_OPS else 0.0
+            stack.extend(op.cpu_children)
+    return total, matmuls
+
+
 def time_by_kind(step: Callable[[], float], device: torch.device) -> dict[str, float]:
     """Seconds of one step (profiled) spent in matmuls and in attention kernels: the ops' own
     time, on the device for CUDA, on the host thread for the CPU."""
@@ -180,9 +198,12 @@ def time_by_kind(step: Callable[[], float], device: torch.device) -> dict[str, f
         return own / 1e6
 
     events = prof.key_averages()
-    return {"matmul": sum(seconds(e) for e in events if e.key in MATMUL_OPS),
-            "attention": sum(seconds(e) for e in events
-                             if any(mark in e.key for mark in ATTENTION_MARKS)),
+    # slimtron's unfused kernel is a profiler range of bmm and softmax ops: all of it is
+    # attention, and its bmm are taken out of the matmuls
+    unfused = unfused_attention_seconds(prof.events(), seconds)
+    return {"matmul": sum(seconds(e) for e in events if e.key in MATMUL_OPS) - unfused[1],
+            "attention": unfused[0] + sum(seconds(e) for e in events
+                                          if any(mark in e.key for mark in ATTENTION_MARKS)),
             # host memory touched for the first time (freshly mapped pages) and the kernel time
             # it costs: on the CPU a part of "rest" that depends on the machine's memory state
             "page_faults": after.ru_minflt - before.ru_minflt,

@@ -51,6 +51,10 @@ _MODEL_FLAGS = [
     ("--untie-embeddings-and-output-weights", None, dict(action="store_true")),
     ("--hidden-dropout", None, dict(type=float)),
     ("--attention-dropout", None, dict(type=float)),
+    ("--attention-backend", None, dict(choices=["auto", "flash", "fused", "unfused", "local"],
+                                       help="attention kernel: flash (flash-attn, else SDPA), "
+                                            "fused (SDPA), unfused/local (bmm, softmax, bmm); "
+                                            "auto: unfused on CPU, flash elsewhere")),
     ("--init-method-std", None, dict(type=float)),
     ("--make-vocab-size-divisible-by", None, dict(type=int)),
     ("--vocab-size", None, dict(type=int, help="replaced by the tokenizer's size when it has one")),
@@ -197,7 +201,6 @@ SAME_BEHAVIOUR_FLAGS = {
 }
 # What matters only to other hardware or kernels: accepted, and listed once at start-up.
 NO_EFFECT_FLAGS = {
-    "--attention-backend": dict(choices=["flash", "fused", "unfused", "local", "auto"]),
     "--cross-entropy-loss-fusion": dict(action="store_true"),
     "--overlap-param-gather": dict(action="store_true"),
     "--fp8-amax-history-len": dict(type=int),

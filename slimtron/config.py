@@ -42,6 +42,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    attention_backend: str = "auto"  # auto, flash, fused, unfused, local (slimtron.model.kernels)
     init_method_std: float = 0.02
 
     def __post_init__(self):
@@ -65,6 +66,9 @@ class ModelConfig:
         if not 0.0 < self.rotary_percent <= 1.0 or rotary_dim != int(rotary_dim) or rotary_dim % 2:
             raise ConfigError(f"--rotary-percent {self.rotary_percent} must be in (0, 1] and give "
                               f"an even number of the {self.kv_channels} --kv-channels")
+        if self.attention_backend not in ("auto", "flash", "fused", "unfused", "local"):
+            raise ConfigError(f"--attention-backend must be auto, flash, fused, unfused or local, "
+                              f"got {self.attention_backend!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible "
                               f"by --num-query-groups {self.num_query_groups}")
@@ -315,6 +319,10 @@ def check_context_parallel(model: ModelConfig, parallel: ParallelConfig) -> None
         raise ConfigError(f"--attention-dropout {model.attention_dropout} with "
                           f"--context-parallel-size {cp}: ring attention has no attention "
                           "dropout; set --attention-dropout 0")
+    if model.attention_backend in ("unfused", "local"):
+        raise ConfigError(f"--attention-backend {model.attention_backend} with "
+                          f"--context-parallel-size {cp}: context parallelism runs its own ring "
+                          "attention; use auto, flash or fused")
 
 
 # ---- validation: every rule, once --------------------------------------------------------------

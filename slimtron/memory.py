@@ -20,10 +20,15 @@ rotary embedding, attention by a fused SDPA / flash kernel), derived op by op:
     input norm       its input (u h e) and fp32 statistics (RMSNorm 1/rms: 4 u; LayerNorm: 8 u)
     QKV linear       its input, the norm's output: u h e (under SP only the local slice; it is
                      gathered again in backward)
-    attention core   the fused QKV output s b (a + 2g) d e / t (v is a view of it), the rotated
-                     q and k (RoPE makes copies: s b (a + g) d e / t), the output s b a d e / t
-                     (the projection's input is a view of it) and the fp32 logsumexp 4 s b a / t;
-                     no s x s scores; with document masking the additive mask b s^2 e
+    attention core   flash kernels: the fused QKV output s b (a + 2g) d e / t (v is a view of
+                     it), the rotated q and k (RoPE makes copies: s b (a + g) d e / t), the output
+                     s b a d e / t (the projection's input is a view of it) and the fp32
+                     logsumexp 4 s b a / t; no s x s scores; with document masking the additive
+                     mask b s^2 e.
+                     unfused (slimtron.model.unfused_attention): its re-laid q, k and v
+                     s b (a + 2g) d e / t, the projection's input s b a d e / t and the
+                     probabilities of its query blocks b a P e / t, P = the sum over blocks of
+                     rows x keys (about s^2 / 2), plus a 1-byte dropout mask per probability
     pre-MLP norm     as the input norm
     fc1 linear       as QKV
     SwiGLU           fc1's output 2 s b f e / t (silu(gate) is recomputed); GeLU: s b f e / t
@@ -130,6 +135,7 @@ class ActivationSpec:
     training: bool = True  # dropout masks exist only in training
     cp: int = 1  # context parallel: a rank holds seq_length / cp tokens of each sequence
     document_mask: bool = False  # --reset-attention-mask: attention within packed documents
+    attention: str = "flash"  # the kernel: "flash" (SDPA / flash-attn) or "unfused"
 
     @property
     def tokens(self) -> int:
@@ -153,9 +159,12 @@ def _norm_bytes(model, spec: ActivationSpec) -> float:
 def attention_core_bytes(model, spec: ActivationSpec) -> float:
     """Flash / memory-efficient SDPA: the fused QKV output (v is a view of it), the rotated q and k
     (RoPE makes them new tensors), the output and the fp32 logsumexp per head and token; no s x s.
-    Without RoPE q is a view of the QKV output unless grouped-query attention makes it a copy."""
+    Without RoPE q is a view of the QKV output unless grouped-query attention makes it a copy.
+    Selective recomputation keeps the same inputs and output of either kernel."""
     a, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
     e, sb, t = spec.element_size, spec.tokens, spec.tp
+    if spec.attention == "unfused" and spec.recompute != "selective" and spec.cp == 1:
+        return _unfused_attention_bytes(model, spec)
     qkv = sb * (a + 2 * g) * d * e / t
     if model.position_embedding_type == "rope":
         rotated = sb * (a + g) * d * e / t
@@ -164,6 +173,20 @@ def attention_core_bytes(model, spec: ActivationSpec) -> float:
     out = sb * a * d * e / t
     logsumexp = 4.0 * sb * a / t if spec.recompute != "selective" else 0.0
     return qkv + rotated + out + logsumexp + document_mask_bytes(spec)
+
+
+def _unfused_attention_bytes(model, spec: ActivationSpec) -> float:
+    """The unfused kernel keeps its re-laid (and scaled) q, k and v, each query block's
+    probabilities (and dropout mask); the projection keeps its input. No logsumexp, no mask."""
+    from slimtron.model.unfused_attention import QUERY_BLOCK
+
+    a, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
+    e, sb, t, s = spec.element_size, spec.tokens, spec.tp, spec.seq_length
+    probabilities = sum((min(start + QUERY_BLOCK, s) - start) * min(start + QUERY_BLOCK, s)
+                        for start in range(0, s, QUERY_BLOCK))
+    per_probability = e + (1 if spec.training and model.attention_dropout > 0 else 0)
+    heads = spec.micro_batch_size * a / t
+    return sb * (a + 2 * g) * d * e / t + sb * a * d * e / t + heads * probabilities * per_probability
 
 
 def document_mask_bytes(spec: ActivationSpec) -> float:
@@ -449,7 +472,15 @@ def activation_spec(config) -> ActivationSpec:
                           recompute_num_layers=t.recompute_num_layers or 1,
                           element_size=2 if (config.optim.bf16 or config.optim.fp16) else 4,
                           cp=config.parallel.cp,
-                          document_mask=config.data.reset_attention_mask)
+                          document_mask=config.data.reset_attention_mask,
+                          attention=_planned_attention(config.model.attention_backend))
+
+
+def _planned_attention(backend: str) -> str:
+    """The kernel a planned job runs: plans are for GPUs, where ``auto`` is flash."""
+    from slimtron.model.kernels import attention_kernel
+
+    return attention_kernel(backend, torch.device("meta"))
 
 
 def state_spec(config) -> StateSpec:

@@ -24,16 +24,21 @@ CASES = [(1, False, None), (2, False, None), (2, True, None), (2, True, "selecti
          (1, False, "full")]
 
 
-def spec_for(tp, sp, recompute, dtype=torch.bfloat16) -> memory.ActivationSpec:
+KERNELS = ("flash", "unfused")  # --attention-backend, each measured
+
+
+def spec_for(tp, sp, recompute, dtype=torch.bfloat16, attention="flash") -> memory.ActivationSpec:
     return memory.ActivationSpec(LLAMA.seq_length, MICRO_BATCH, tp=tp, sequence_parallel=sp,
-                                 recompute=recompute, element_size=torch.finfo(dtype).bits // 8)
+                                 recompute=recompute, element_size=torch.finfo(dtype).bits // 8,
+                                 attention=attention)
 
 
-def measured_layer_bytes(pstate, sp, recompute, dtype=torch.bfloat16) -> float:
+def measured_layer_bytes(pstate, sp, recompute, dtype=torch.bfloat16, attention="flash") -> float:
     """Bytes saved per layer by a decoder chunk of LLAMA.num_layers layers for one micro-batch
     (parameters and the chunk's shared rotary tables not counted)."""
     torch.manual_seed(0)
-    model = GPTModel(LLAMA, pstate, pre_process=False, post_process=False, sequence_parallel=sp,
+    config = dataclasses.replace(LLAMA, attention_backend=attention)
+    model = GPTModel(config, pstate, pre_process=False, post_process=False, sequence_parallel=sp,
                      params_dtype=dtype, recompute=recompute)
     s = LLAMA.seq_length // (pstate.tp.size if sp else 1)
     x = torch.randn(s, MICRO_BATCH, LLAMA.hidden_size, dtype=dtype, requires_grad=True)
@@ -49,38 +54,41 @@ def measured_layer_bytes(pstate, sp, recompute, dtype=torch.bfloat16) -> float:
 
 def _tp2_cases(rank, world):
     pstate = ParallelState.build(tp=2)
-    return {case: measured_layer_bytes(pstate, case[1], case[2]) for case in CASES if case[0] == 2}
+    return {(case, kernel): measured_layer_bytes(pstate, case[1], case[2], attention=kernel)
+            for case in CASES if case[0] == 2 for kernel in KERNELS}
 
 
 @pytest.fixture(scope="module")
 def measured():
-    results = {case: measured_layer_bytes(ParallelState.single(), case[1], case[2])
-               for case in CASES if case[0] == 1}
+    results = {(case, kernel): measured_layer_bytes(ParallelState.single(), case[1], case[2],
+                                                    attention=kernel)
+               for case in CASES if case[0] == 1 for kernel in KERNELS}
     tp2 = run_distributed(_tp2_cases, 2)
     assert tp2[0] == tp2[1]  # both TP ranks keep the same
     results.update(tp2[0])
     return results
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=["no-tp", "tp2", "tp2-sp", "tp2-sp-selective",
                                              "full-recompute"])
-def test_layer_activations_match_the_closed_form(measured, case):
+def test_layer_activations_match_the_closed_form(measured, case, kernel):
     tp, sp, recompute = case
-    spec = spec_for(*case)
+    spec = spec_for(*case, attention=kernel)
     if recompute == "full":
         predicted = memory.chunk_layer_bytes(LLAMA, spec, LLAMA.num_layers)[0] / LLAMA.num_layers
         # What the paper calls 2sbh: the layer input, 16-bit.
         assert predicted == memory.paper_layer_activation_bytes(LLAMA, spec)
     else:
         predicted = memory.layer_activation_bytes(LLAMA, spec)
-    assert measured[case] == pytest.approx(predicted, rel=0.05)
+    assert measured[case, kernel] == pytest.approx(predicted, rel=0.05)
 
 
 def test_sequence_parallel_keeps_only_the_local_slice(measured):
     """SP divides every term by t: what TP alone leaves replicated (norms and the column-parallel
     inputs, the paper's 10sbh) is split too, so TP+SP keeps half of no-TP at t=2 (within the
     logsumexp and int rounding)."""
-    no_tp, tp2, tp2_sp = measured[CASES[0]], measured[CASES[1]], measured[CASES[2]]
+    no_tp, tp2, tp2_sp = (measured[case, "flash"] for case in CASES[:3])
     assert tp2_sp == pytest.approx(no_tp / 2, rel=1e-9)
     s, b, h = LLAMA.seq_length, MICRO_BATCH, LLAMA.hidden_size
     replicated = 2 * (2 * s * b * h + 4 * s * b) + 2 * 2 * s * b * h  # norms + QKV/fc1 inputs, bf16
@@ -88,9 +96,23 @@ def test_sequence_parallel_keeps_only_the_local_slice(measured):
 
 
 def test_fp32_doubles_the_tensors_but_not_the_statistics():
-    spec = spec_for(1, False, None, torch.float32)
-    measured = measured_layer_bytes(ParallelState.single(), False, None, torch.float32)
-    assert measured == pytest.approx(memory.layer_activation_bytes(LLAMA, spec), rel=0.05)
+    for kernel in KERNELS:
+        spec = spec_for(1, False, None, torch.float32, attention=kernel)
+        measured = measured_layer_bytes(ParallelState.single(), False, None, torch.float32, kernel)
+        assert measured == pytest.approx(memory.layer_activation_bytes(LLAMA, spec), rel=0.05)
+
+
+def test_unfused_attention_keeps_about_half_the_scores():
+    """The unfused kernel's probabilities: its query blocks skip the upper triangle (s = 512:
+    4 blocks keep 10/16 of s x s), and with attention dropout one mask byte each."""
+    model = dataclasses.replace(LLAMA, seq_length=512, attention_dropout=0.1)
+    flash = memory.ActivationSpec(512, 1, attention="flash")
+    unfused = dataclasses.replace(flash, attention="unfused")
+    a = model.num_attention_heads
+    probabilities = a * 512 * 512 * 10 // 16
+    extra = memory.attention_core_bytes(model, unfused) - memory.attention_core_bytes(model, flash)
+    rope_copies_and_logsumexp = 512 * (a + model.num_query_groups) * model.kv_channels * 2 + 4 * 512 * a
+    assert extra == probabilities * 3 - rope_copies_and_logsumexp
 
 
 def test_saved_activations_counts_each_storage_once():
@@ -120,14 +142,17 @@ LAYOUTS = {
     "dp4-distopt": (1, 1, None, False, True, None, None, None),
     "tp2-pp2-interleaved-sp-full-block": (2, 2, 2, True, False, "full", "block", 1),
     "tp2-pp2-sp-document-mask": (2, 2, None, True, False, None, None, None),
+    "tp2-dp2-sp-unfused": (2, 1, None, True, False, None, None, None),
 }
 
 
 def layout_config(name: str) -> Config:
     tp, pp, per_virtual, sp, dist_opt, recompute, method, n = LAYOUTS[name]
+    # A planned job runs flash ("auto" on a GPU); one layout runs the unfused kernel explicitly.
     model = dataclasses.replace(LLAMA, num_layers=8, seq_length=128, max_position_embeddings=128,
                                 hidden_size=64,
-                                ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2)
+                                ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+                                attention_backend="unfused" if "unfused" in name else "flash")
     dp = WORLD // (tp * pp)
     return Config(model=model, data=DataConfig(reset_attention_mask=name.endswith("document-mask")),
                   parallel=ParallelConfig(tensor_model_parallel_size=tp,

@@ -1,8 +1,16 @@
 """Compute kernels with optional fused implementations, chosen at import time.
 
-flash-attn is used for attention on CUDA half-precision tensors when importable; otherwise
-``F.scaled_dot_product_attention``. apex's fused norms are used on CUDA when importable; otherwise
-``F.layer_norm`` / ``F.rms_norm``. Neither library is ever required.
+Attention follows ``--attention-backend`` (Megatron's choices):
+
+- ``flash``: flash-attn on CUDA half-precision tensors when importable, else PyTorch's SDPA
+  (whose CPU kernel is also a flash kernel: tiled, online softmax, no s x s scores kept);
+- ``fused``: PyTorch's SDPA (cuDNN / flash / memory-efficient kernels on CUDA);
+- ``unfused`` and ``local``: bmm, masked softmax, bmm (slimtron.model.unfused_attention);
+- ``auto`` (default): ``unfused`` on CPU, where it is the faster (bench/attention.py), and
+  ``flash`` elsewhere, where the s x s probabilities it keeps would cost memory for no gain.
+
+apex's fused norms are used on CUDA when importable; otherwise ``F.layer_norm`` / ``F.rms_norm``.
+Neither library is ever required.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from slimtron.model.unfused_attention import unfused_causal_attention
 
 try:  # pragma: no cover - depends on the machine
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -50,12 +60,26 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+
+
+def attention_kernel(backend: str, device: torch.device) -> str:
+    """What ``--attention-backend`` runs on ``device``: "unfused" or "flash" (flash-attn where
+    usable, else SDPA). The meta device (the dry run) stands for a GPU."""
+    if backend in ("unfused", "local") or (backend == "auto" and device.type == "cpu"):
+        return "unfused"
+    return "flash"
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout_p: float = 0.0, segment_ids=None) -> torch.Tensor:
+                     dropout_p: float = 0.0, segment_ids=None, backend: str = "auto") -> torch.Tensor:
     """Causal softmax attention. q ``[s, b, heads, d]``; k, v ``[s, b, groups, d]`` where each
     group serves ``heads / groups`` consecutive query heads. Returns ``[s, b, heads * d]``.
-    ``segment_ids`` ``[b, s]`` (optional): attention also stays within each document."""
+    ``segment_ids`` ``[b, s]`` (optional): attention also stays within each document.
+    ``backend``: ``--attention-backend`` (see the module's docstring)."""
     s, b, heads, d = q.shape
+    if attention_kernel(backend, q.device) == "unfused":
+        return _unfused(q, k, v, dropout_p, segment_ids)
     if segment_ids is not None:
         return torch_attention(q, k, v, attn_mask=document_causal_mask(segment_ids),
                                dropout_p=dropout_p)
@@ -64,6 +88,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                dropout_p=dropout_p, causal=True)
         return out.transpose(0, 1).reshape(s, b, heads * d)
     return torch_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+# torch.compile does not trace it (its blocks loop in Python and write scores in place): under
+# --compile-layers attention runs eager between the layer's compiled halves, as SDPA's kernel does.
+@torch.compiler.disable
+def _unfused(q, k, v, dropout_p, segment_ids):
+    return unfused_causal_attention(q, k, v, dropout_p=dropout_p, segment_ids=segment_ids)
 
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,

@@ -131,6 +131,7 @@ class SelfAttention(nn.Module):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
+        self.backend = config.attention_backend
         self.cp = pstate.cp  # context parallel: ring attention over the sequence's chunks
         self.rng_tracker = rng_tracker
         self.selective_recompute = selective_recompute
@@ -170,9 +171,10 @@ class SelfAttention(nn.Module):
             return ring_attention(q, k, v, self.cp, segment_ids)
         p = self.dropout if self.training else 0.0
         if p == 0.0:
-            return kernels.causal_attention(q, k, v, segment_ids=segment_ids)
+            return kernels.causal_attention(q, k, v, segment_ids=segment_ids, backend=self.backend)
         with self.rng_tracker.fork():  # this rank's heads draw their own mask
-            return kernels.causal_attention(q, k, v, dropout_p=p, segment_ids=segment_ids)
+            return kernels.causal_attention(q, k, v, dropout_p=p, segment_ids=segment_ids,
+                                            backend=self.backend)
 
 
 class MLP(nn.Module):

@@ -54,7 +54,7 @@ _MODEL_FLAGS = [
     ("--attention-backend", None, dict(choices=["auto", "flash", "fused", "unfused", "local"],
                                        help="attention kernel: flash (flash-attn, else SDPA), "
                                             "fused (SDPA), unfused/local (bmm, softmax, bmm); "
-                                            "auto: unfused on CPU, flash elsewhere")),
+                                            "auto: unfused for bf16/fp16 on CPU, flash otherwise")),
     ("--init-method-std", None, dict(type=float)),
     ("--make-vocab-size-divisible-by", None, dict(type=int)),
     ("--vocab-size", None, dict(type=int, help="replaced by the tokenizer's size when it has one")),

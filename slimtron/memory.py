@@ -480,7 +480,7 @@ def _planned_attention(backend: str) -> str:
     """The kernel a planned job runs: plans are for GPUs, where ``auto`` is flash."""
     from slimtron.model.kernels import attention_kernel
 
-    return attention_kernel(backend, torch.device("meta"))
+    return attention_kernel(backend, torch.device("meta"), torch.bfloat16)
 
 
 def state_spec(config) -> StateSpec:

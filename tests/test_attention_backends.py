@@ -89,14 +89,17 @@ def test_unfused_half_precision_keeps_dtypes_and_tracks_fp32(dtype):
 
 
 def test_which_kernel_each_backend_runs():
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert kernels.attention_kernel("auto", cpu) == "unfused"
-    assert kernels.attention_kernel("auto", meta) == "flash"  # the dry run plans a GPU job
+    cpu, meta, bf16, fp16, fp32 = (torch.device("cpu"), torch.device("meta"), torch.bfloat16,
+                                   torch.float16, torch.float32)
+    assert kernels.attention_kernel("auto", cpu, bf16) == "unfused"
+    assert kernels.attention_kernel("auto", cpu, fp16) == "unfused"
+    assert kernels.attention_kernel("auto", cpu, fp32) == "flash"
+    assert kernels.attention_kernel("auto", meta, bf16) == "flash"  # the dry run plans a GPU job
     for backend in ("unfused", "local"):
-        assert kernels.attention_kernel(backend, cpu) == kernels.attention_kernel(backend, meta) \
-            == "unfused"
+        for device, dtype in ((cpu, bf16), (cpu, fp32), (meta, bf16)):
+            assert kernels.attention_kernel(backend, device, dtype) == "unfused"
     for backend in ("flash", "fused"):
-        assert kernels.attention_kernel(backend, cpu) == "flash"
+        assert kernels.attention_kernel(backend, cpu, bf16) == "flash"
     with pytest.raises(ConfigError, match="--attention-backend must be"):
         ModelConfig(attention_backend="sdpa")
     with pytest.raises(ConfigError, match="--attention-backend unfused with "

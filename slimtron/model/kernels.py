@@ -6,8 +6,9 @@ Attention follows ``--attention-backend`` (Megatron's choices):
   (whose CPU kernel is also a flash kernel: tiled, online softmax, no s x s scores kept);
 - ``fused``: PyTorch's SDPA (cuDNN / flash / memory-efficient kernels on CUDA);
 - ``unfused`` and ``local``: bmm, masked softmax, bmm (slimtron.model.unfused_attention);
-- ``auto`` (default): ``unfused`` on CPU, where it is the faster (bench/attention.py), and
-  ``flash`` elsewhere, where the s x s probabilities it keeps would cost memory for no gain.
+- ``auto`` (default): ``unfused`` for 16-bit tensors on CPU, where SDPA's kernel is 1.4-2x slower
+  (bench/attention.py; in fp32 neither wins everywhere, and SDPA keeps no s x s), ``flash``
+  everywhere else, where the s x s probabilities it keeps would cost memory for no gain.
 
 apex's fused norms are used on CUDA when importable; otherwise ``F.layer_norm`` / ``F.rms_norm``.
 Neither library is ever required.
@@ -63,10 +64,12 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
-def attention_kernel(backend: str, device: torch.device) -> str:
-    """What ``--attention-backend`` runs on ``device``: "unfused" or "flash" (flash-attn where
-    usable, else SDPA). The meta device (the dry run) stands for a GPU."""
-    if backend in ("unfused", "local") or (backend == "auto" and device.type == "cpu"):
+def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What ``--attention-backend`` runs for ``dtype`` tensors on ``device``: "unfused" or "flash"
+    (flash-attn where usable, else SDPA). The meta device (the dry run) stands for a GPU."""
+    if backend in ("unfused", "local"):
+        return "unfused"
+    if backend == "auto" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return "unfused"
     return "flash"
 
@@ -78,7 +81,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``segment_ids`` ``[b, s]`` (optional): attention also stays within each document.
     ``backend``: ``--attention-backend`` (see the module's docstring)."""
     s, b, heads, d = q.shape
-    if attention_kernel(backend, q.device) == "unfused":
+    if attention_kernel(backend, q.device, q.dtype) == "unfused":
         return _unfused(q, k, v, dropout_p, segment_ids)
     if segment_ids is not None:
         return torch_attention(q, k, v, attn_mask=document_causal_mask(segment_ids),

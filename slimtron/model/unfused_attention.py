@@ -12,9 +12,10 @@ With grouped-query attention the query rows of a (batch, group) are ordered (pos
 group), so that each group's k and v serve all its heads in one bmm and a block of positions is
 a contiguous range of rows.
 
-Where it wins: on CPUs PyTorch's SDPA kernel is several times below the bf16 matmul rate, so this
-is ``--attention-backend auto`` there (bench/attention.py measures both). It keeps O(s^2) memory
-per layer that the flash kernels do not, so on GPUs ``auto`` is flash.
+Where it wins: on CPUs PyTorch's SDPA kernel runs far below the bf16 matmul rate, so this is
+``--attention-backend auto`` for 16-bit tensors there (bench/attention.py: 1.4-2x faster at 256 to
+2048 tokens). It keeps O(s^2) memory per layer that the flash kernels do not, so on GPUs ``auto``
+is flash.
 """
 from __future__ import annotations
 

@@ -198,10 +198,11 @@ SAME_BEHAVIOUR_FLAGS = {
     "--use-mcore-models": "deprecated in Megatron; the Megatron-Core model is the only one",
     "--no-create-attention-mask-in-dataloader": "attention masks are never built by the loader",
     "--use-pytorch-profiler": "--profile always writes a torch profiler trace",
+    "--cross-entropy-loss-fusion": "the vocab-parallel cross entropy is always fused "
+                                   "(one pass over the logits)",
 }
 # What matters only to other hardware or kernels: accepted, and listed once at start-up.
 NO_EFFECT_FLAGS = {
-    "--cross-entropy-loss-fusion": dict(action="store_true"),
     "--overlap-param-gather": dict(action="store_true"),
     "--fp8-amax-history-len": dict(type=int),
     "--fp8-amax-compute-algo": dict(choices=["max", "most_recent"]),

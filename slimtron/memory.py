@@ -36,8 +36,8 @@ rotary embedding, attention by a fused SDPA / flash kernel), derived op by op:
     dropout          with hidden dropout, two masks u h e
 
 The RoPE cos/sin tables (8 s b d) are shared by a chunk's layers; the first chunk keeps the token
-ids, the last the final norm, the output layer's input, the fp32 softmax of the vocab-parallel
-cross entropy and the loss mask. Selective recomputation keeps the attention core's inputs and
+ids, the last the final norm, the output layer's input, the kept exponentials of the fused
+vocab-parallel cross entropy (in the logits' dtype) and the loss mask. Selective recomputation keeps the attention core's inputs and
 output, so with a flash kernel it only drops the logsumexp. Full recomputation keeps each
 checkpoint's input (u h e) and rebuilds one checkpointed group at a time in backward.
 
@@ -265,10 +265,11 @@ def embedding_bytes(model, spec: ActivationSpec) -> float:
 
 def output_bytes(model, spec: ActivationSpec) -> float:
     """The last chunk: final norm, the output layer's input, and the vocab-parallel cross entropy
-    (the fp32 softmax of this rank's vocabulary slice, int64 local targets, bool mask)."""
+    (the exponentials of this rank's vocabulary slice in the logits' dtype; per token the int64
+    local target, a bool mask and two fp32 values)."""
     vocab = model.padded_vocab_size(spec.tp) / spec.tp
     output_input = spec.local_tokens * model.hidden_size * spec.element_size
-    cross_entropy = spec.tokens * (4.0 * vocab + 8 + 1)
+    cross_entropy = spec.tokens * (spec.element_size * vocab + 8 + 1 + 4 + 4)
     loss_mask = 4.0 * spec.tokens  # fp32, kept by the masked average of the per-token loss
     return loss_mask + _norm_bytes(model, spec) + output_input + cross_entropy
 

@@ -51,6 +51,56 @@ def test_cross_entropy_matches_torch_and_ignores_padding():
     assert logits.grad[..., 10:].abs().sum() == 0
 
 
+def test_fused_cross_entropy_in_blocks_and_in_bf16(monkeypatch):
+    """Several blocks of rows (the last shorter) give fp64's exact loss and grads; in bf16 a
+    confident target's gradient p - 1 keeps its precision (it comes from the fp32 exponential,
+    not from a rounded probability)."""
+    from slimtron.parallel import cross_entropy
+    monkeypatch.setattr(cross_entropy, "CPU_BLOCK_BYTES", 4 * 12 * 4)  # 4 rows per block
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 10, (5, 3), generator=g)
+    weights = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    (vocab_parallel_cross_entropy(logits, target, vocab_size=10) * weights).sum().backward()
+    real = logits.detach()[..., :10].clone().requires_grad_(True)
+    expected = F.cross_entropy(real.reshape(-1, 10), target.reshape(-1), reduction="none")
+    (expected.view(5, 3) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad[..., :10], real.grad, rtol=1e-12, atol=1e-12)
+
+    confident = torch.randn(6, 1000, generator=g)
+    labels = torch.randint(0, 1000, (6,), generator=g)
+    confident[torch.arange(6), labels] = 12.0  # p(target) ~ 1 - 1e-2
+    low = confident.bfloat16().requires_grad_()
+    vocab_parallel_cross_entropy(low, labels, vocab_size=1000).sum().backward()
+    ref = confident.bfloat16().double().requires_grad_()
+    F.cross_entropy(ref, labels, reduction="sum").backward()
+    at_target = low.grad.double()[torch.arange(6), labels]
+    torch.testing.assert_close(at_target, ref.grad[torch.arange(6), labels], rtol=2 ** -7, atol=0)
+
+
+def _cross_entropy_over_tp(pstate):
+    """tp=4 over a vocabulary of 5 padded to 16: rank 1 holds one real column, ranks 2 and 3
+    padding only; blocks of 3 rows."""
+    from slimtron.parallel import cross_entropy
+    cross_entropy.CPU_BLOCK_BYTES = 4 * 4 * 3
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(7, 2, 16, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (7, 2), generator=g)
+    weights = torch.rand(7, 2, generator=g, dtype=torch.float64)
+    rank = pstate.tp.rank
+    local = full[..., 4 * rank:4 * (rank + 1)].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, vocab_size=5, tp=pstate.tp)
+    (loss * weights).sum().backward()
+    real = full[..., :5].clone().requires_grad_()
+    expected = F.cross_entropy(real.reshape(-1, 5), target.reshape(-1), reduction="none").view(7, 2)
+    (expected * weights).sum().backward()
+    reference_grad = torch.cat([real.grad, torch.zeros(7, 2, 11, dtype=torch.float64)], dim=-1)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local.grad, reference_grad[..., 4 * rank:4 * (rank + 1)],
+                               rtol=1e-12, atol=1e-12)
+    return True
+
+
 # ---- RNG tracker --------------------------------------------------------------------------------
 
 def test_tracker_fork_leaves_default_stream_and_states_restore():
@@ -159,7 +209,7 @@ PARITY_CASES = [  # (kind, overrides, tp, sequence_parallel)
 def _four_rank_worker(rank, world):
     states = {2: ParallelState.build(tp=2), 4: ParallelState.build(tp=4)}
     results = {"collectives": _collectives(states[4]), "dropout": _dropout_checks(states[4]),
-               "parity": []}
+               "cross_entropy": _cross_entropy_over_tp(states[4]), "parity": []}
     for kind, overrides, tp, sp in PARITY_CASES:
         results["parity"].append(_train_step(tiny(kind, **overrides), states[tp], sp))
     return results
@@ -168,6 +218,10 @@ def _four_rank_worker(rank, world):
 @pytest.fixture(scope="module")
 def four_ranks():
     return run_distributed(_four_rank_worker, 4)
+
+
+def test_fused_cross_entropy_over_tp_with_padding_only_ranks(four_ranks):
+    assert all(result["cross_entropy"] for result in four_ranks)
 
 
 def test_collectives_forward_and_backward(four_ranks):

@@ -75,7 +75,8 @@ def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     dropout_p: float = 0.0, segment_ids=None, backend: str = "auto") -> torch.Tensor:
+                     dropout_p: float = 0.0, segment_ids=None,
+                     backend: str = "auto") -> torch.Tensor:
     """Causal softmax attention. q ``[s, b, heads, d]``; k, v ``[s, b, groups, d]`` where each
     group serves ``heads / groups`` consecutive query heads. Returns ``[s, b, heads * d]``.
     ``segment_ids`` ``[b, s]`` (optional): attention also stays within each document.

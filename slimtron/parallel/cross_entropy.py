@@ -1,10 +1,16 @@
 """Cross entropy over vocabulary-parallel logits, without ever forming a full-vocabulary tensor.
 
-Each rank holds logits for vocabulary rows ``[start, start + V/tp)``. The max, the sum of
-exponentials and the target's logit are each reduced over the TP group (three small all-reduces of
-``[...]``-shaped tensors); the gradient is ``softmax - one_hot`` on the local slice. Columns at or past
-the real vocabulary size are padding and are masked to ``-inf``, so padding never changes the loss.
-All math is fp32.
+Each rank holds logits for vocabulary rows ``[start, start + V/tp)``. Columns at or past the real
+vocabulary size are padding and are masked to ``-inf``, so padding never changes the loss.
+
+Fused, as Megatron's ``--cross-entropy-loss-fusion`` (always on here): one pass over the logits
+per step, in blocks of token rows sized to stay in cache on the CPU (one block on a GPU). Each
+block is converted to fp32 (fp64 for fp64 logits) once; its row max, ``exp(x - max)`` and row sums
+are taken there, and the exponentials are kept for backward in the logits' dtype (half the bytes
+of fp32 probabilities). Only ``[tokens]``-shaped values cross the TP group: three small
+all-reduces (max, rescaled sum, target logit). Backward turns the kept exponentials into
+``(softmax - one_hot) * grad`` block by block, in fp32, rounding once; the target's entry comes
+from its fp32 exponential, so ``p - 1`` never loses precision when ``p`` is near 1.
 """
 from __future__ import annotations
 
@@ -16,53 +22,85 @@ import torch.distributed as dist
 from slimtron.parallel import comm
 from slimtron.parallel.state import Axis
 
+CPU_BLOCK_BYTES = 1 << 21  # fp32 bytes of one block of rows on the CPU: within the L2/L3 caches
+
 
 def _group(tp: Optional[Axis]):
     """The tensor-parallel group (None: one process, nothing to reduce)."""
     return None if tp is None else tp.group
 
 
-def _mask_padding(logits: torch.Tensor, vocab_start: int, vocab_size: int) -> None:
-    first_padded = vocab_size - vocab_start  # local column index of the first padded row
-    if first_padded < logits.shape[-1]:
-        logits[..., max(first_padded, 0):] = float("-inf")
+def _rows_per_block(rows: int, columns: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(rows, 1)  # one block: every op is a kernel launch
+    return max(1, min(rows, CPU_BLOCK_BYTES // (4 * max(columns, 1))))
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 logits
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
-        ctx.input_dtype = logits.dtype
-        logits = logits.to(torch.float32, copy=True)  # modified in place, kept as the softmax
-        per_rank = logits.shape[-1]
+        x = logits.reshape(-1, logits.shape[-1])
+        rows, per_rank = x.shape
         vocab_start = comm.group_rank(group) * per_rank
-        _mask_padding(logits, vocab_start, vocab_size)
+        first_padded = max(vocab_size - vocab_start, 0)  # local column of the first padded row
+        step = _rows_per_block(rows, per_rank, x.device)
+        math = _math_dtype(x.dtype)
+        block = torch.empty(step, per_rank, dtype=math, device=x.device)
+        exps = torch.empty_like(x)  # exp(x - local row max), kept for backward
+        local_max = torch.empty(rows, dtype=math, device=x.device)
+        local_sum = torch.empty(rows, dtype=math, device=x.device)
+        lowest = torch.finfo(math).min  # a row of padding only: max -inf -> exps 0
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            b = block[:end - start]
+            b.copy_(x[start:end])
+            b[:, first_padded:] = float("-inf")
+            row_max = b.amax(dim=-1, keepdim=True).clamp_(min=lowest)
+            b.sub_(row_max).exp_()
+            local_max[start:end] = row_max.squeeze(-1)
+            local_sum[start:end] = b.sum(dim=-1)
+            exps[start:end] = b
 
-        logits_max = comm.all_reduce(logits.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
-        logits.sub_(logits_max.unsqueeze(-1))
+        global_max = comm.all_reduce(local_max.clone(), group, op=dist.ReduceOp.MAX)
+        rescale = torch.exp(local_max - global_max)  # this rank's exps relative to the global max
+        sum_exp = comm.all_reduce(local_sum * rescale, group)
 
-        local_target = target - vocab_start
+        local_target = target.reshape(-1) - vocab_start
         outside = (local_target < 0) | (local_target >= per_rank)
         local_target = local_target.masked_fill(outside, 0)
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = comm.all_reduce(target_logit.masked_fill(outside, 0.0), group)
+        target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).to(math)
+        target_exp = torch.exp(target_logit - local_max).masked_fill_(outside, 0.0)
+        shifted_target = comm.all_reduce((target_logit - global_max).masked_fill_(outside, 0.0),
+                                         group)
+        loss = torch.log(sum_exp) - shifted_target
 
-        logits.exp_()
-        sum_exp = comm.all_reduce(logits.sum(dim=-1), group)
-        loss = torch.log(sum_exp) - target_logit
-
-        logits.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
-        ctx.save_for_backward(logits, local_target, outside)
-        return loss
+        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(exps, local_target, outside, rescale / sum_exp, target_exp)
+        return loss.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax  # in place, as Megatron: backward through this loss runs once
-        # softmax - one_hot(target) on this rank's slice; rows whose target is elsewhere: softmax only.
-        hit = (~outside).to(grad.dtype)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None
+        exps, local_target, outside, per_row, target_exp = ctx.saved_tensors
+        grad_loss = grad_loss.reshape(-1).to(per_row.dtype)
+        scale = grad_loss * per_row  # grad = exps * scale, minus grad at the target
+        target_grad = (target_exp * scale - grad_loss).unsqueeze(-1)
+        rows, per_rank = exps.shape
+        step = _rows_per_block(rows, per_rank, exps.device)
+        block = torch.empty(step, per_rank, dtype=per_row.dtype, device=exps.device)
+        grad = exps  # in place: backward through this loss runs once
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            b = block[:end - start]
+            b.copy_(exps[start:end]).mul_(scale[start:end].unsqueeze(-1))
+            index = local_target[start:end].unsqueeze(-1)
+            hit = ~outside[start:end].unsqueeze(-1)
+            b.scatter_(-1, index, torch.where(hit, target_grad[start:end], b.gather(-1, index)))
+            grad[start:end] = b
+        return grad.view(ctx.logits_shape), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,

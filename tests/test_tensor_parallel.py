@@ -55,8 +55,8 @@ def test_fused_cross_entropy_in_blocks_and_in_bf16(monkeypatch):
     """Several blocks of rows (the last shorter) give fp64's exact loss and grads; in bf16 a
     confident target's gradient p - 1 keeps its precision (it comes from the fp32 exponential,
     not from a rounded probability)."""
-    from slimtron.parallel import cross_entropy
-    monkeypatch.setattr(cross_entropy, "CPU_BLOCK_BYTES", 4 * 12 * 4)  # 4 rows per block
+    from slimtron import blockwise
+    monkeypatch.setattr(blockwise, "CPU_BLOCK_BYTES", 4 * 12 * 4)  # 4 rows per block
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 10, (5, 3), generator=g)
@@ -81,8 +81,8 @@ def test_fused_cross_entropy_in_blocks_and_in_bf16(monkeypatch):
 def _cross_entropy_over_tp(pstate):
     """tp=4 over a vocabulary of 5 padded to 16: rank 1 holds one real column, ranks 2 and 3
     padding only; blocks of 3 rows."""
-    from slimtron.parallel import cross_entropy
-    cross_entropy.CPU_BLOCK_BYTES = 4 * 4 * 3
+    from slimtron import blockwise
+    blockwise.CPU_BLOCK_BYTES = 4 * 4 * 3
     g = torch.Generator().manual_seed(0)
     full = torch.randn(7, 2, 16, generator=g, dtype=torch.float64)
     target = torch.randint(0, 5, (7, 2), generator=g)

@@ -20,6 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from slimtron import blockwise
 from slimtron.model.unfused_attention import unfused_causal_attention
 
 try:  # pragma: no cover - depends on the machine
@@ -204,23 +205,39 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SwiGLU(torch.autograd.Function):
+    """In fp32 over blocks of rows (slimtron.blockwise), rounding once into the input's dtype."""
+
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        rows = x.reshape(-1, x.shape[-1])
+        half = rows.shape[-1] // 2
+        out = torch.empty(rows.shape[0], half, dtype=x.dtype, device=x.device)
+        blocks = blockwise.row_blocks(rows.shape[0], rows.shape[-1], x.device)
+        buffer = torch.empty(blocks[0][1], rows.shape[-1], dtype=torch.float32, device=x.device) \
+            if blocks else None
+        for start, end in blocks:
+            xf = buffer[:end - start].copy_(rows[start:end])
+            out[start:end] = F.silu(xf[:, :half]).mul_(xf[:, half:])
+        return out.view(*x.shape[:-1], half)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        gate, up = x.float().chunk(2, dim=-1)
-        grad = grad.float()
-        sig = torch.sigmoid(gate)
-        # grad * up * sig * (1 + gate * (1 - sig)) and grad * gate * sig, evaluated in that order
-        # in place, each half written straight into the result (no fp32 concatenation)
-        silu_grad = (1 - sig).mul_(gate).add_(1)
-        out = torch.empty_like(x)
-        gate_half, up_half = out.chunk(2, dim=-1)
-        gate_half.copy_((grad * up).mul_(sig).mul_(silu_grad))
-        up_half.copy_((grad * gate).mul_(sig))
-        return out
+        rows = x.reshape(-1, x.shape[-1])
+        half = rows.shape[-1] // 2
+        grad = grad.reshape(-1, half)
+        out = torch.empty_like(rows)
+        blocks = blockwise.row_blocks(rows.shape[0], rows.shape[-1], x.device)
+        buffer = torch.empty(blocks[0][1] if blocks else 0, rows.shape[-1] + half,
+                             dtype=torch.float32, device=x.device)
+        for start, end in blocks:
+            xf = buffer[:end - start, :2 * half].copy_(rows[start:end])
+            gate, up = xf[:, :half], xf[:, half:]
+            grad_f = buffer[:end - start, 2 * half:].copy_(grad[start:end])
+            sig = torch.sigmoid(gate)
+            # grad * up * sig * (1 + gate * (1 - sig)) and grad * gate * sig, in that order
+            silu_grad = (1 - sig).mul_(gate).add_(1)
+            out[start:end, :half] = (grad_f * up).mul_(sig).mul_(silu_grad)
+            out[start:end, half:] = (grad_f * gate).mul_(sig)
+        return out.view(x.shape)

@@ -19,21 +19,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from slimtron import blockwise
 from slimtron.parallel import comm
 from slimtron.parallel.state import Axis
-
-CPU_BLOCK_BYTES = 1 << 21  # fp32 bytes of one block of rows on the CPU: within the L2/L3 caches
-
 
 def _group(tp: Optional[Axis]):
     """The tensor-parallel group (None: one process, nothing to reduce)."""
     return None if tp is None else tp.group
-
-
-def _rows_per_block(rows: int, columns: int, device: torch.device) -> int:
-    if device.type != "cpu":
-        return max(rows, 1)  # one block: every op is a kernel launch
-    return max(1, min(rows, CPU_BLOCK_BYTES // (4 * max(columns, 1))))
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,15 +39,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows, per_rank = x.shape
         vocab_start = comm.group_rank(group) * per_rank
         first_padded = max(vocab_size - vocab_start, 0)  # local column of the first padded row
-        step = _rows_per_block(rows, per_rank, x.device)
         math = _math_dtype(x.dtype)
-        block = torch.empty(step, per_rank, dtype=math, device=x.device)
+        blocks = blockwise.row_blocks(rows, per_rank, x.device)
+        block = torch.empty(blocks[0][1] if blocks else 0, per_rank, dtype=math, device=x.device)
         exps = torch.empty_like(x)  # exp(x - local row max), kept for backward
         local_max = torch.empty(rows, dtype=math, device=x.device)
         local_sum = torch.empty(rows, dtype=math, device=x.device)
         lowest = torch.finfo(math).min  # a row of padding only: max -inf -> exps 0
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
+        for start, end in blocks:
             b = block[:end - start]
             b.copy_(x[start:end])
             b[:, first_padded:] = float("-inf")
@@ -89,11 +80,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = grad_loss * per_row  # grad = exps * scale, minus grad at the target
         target_grad = (target_exp * scale - grad_loss).unsqueeze(-1)
         rows, per_rank = exps.shape
-        step = _rows_per_block(rows, per_rank, exps.device)
-        block = torch.empty(step, per_rank, dtype=per_row.dtype, device=exps.device)
+        blocks = blockwise.row_blocks(rows, per_rank, exps.device)
+        block = torch.empty(blocks[0][1] if blocks else 0, per_rank, dtype=per_row.dtype,
+                            device=exps.device)
         grad = exps  # in place: backward through this loss runs once
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
+        for start, end in blocks:
             b = block[:end - start]
             b.copy_(exps[start:end]).mul_(scale[start:end].unsqueeze(-1))
             index = local_target[start:end].unsqueeze(-1)

@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from slimtron import blockwise
 from slimtron.config import ConfigError
 from slimtron.parallel.comm import all_gather_single, reduce_scatter_single
 
@@ -227,7 +228,7 @@ class DataParallelGrads:
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if param.grad is None:
             return
-        param.main_grad.add_(param.grad)
+        blockwise.add_(param.main_grad, param.grad)  # 16-bit grads into fp32, in cache
         param.grad = None
         if self.overlap_grad_reduce and self._sync_enabled:
             bucket = self._bucket_of[id(param)]

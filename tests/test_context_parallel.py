@@ -158,8 +158,10 @@ def _check_model(pstate):
         case = f"{arch}, recompute {recompute}"
         torch.testing.assert_close(loss, shard, rtol=1e-5, atol=1e-6, msg=f"loss, {case}")
         for name, ref in ref_grads.items():
-            torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6,
-                                       msg=f"{name}, {case}")
+            # 1e-5 relative to the tensor's scale: a summed grad (a bias over all tokens) is
+            # added up in another order over cp ranks, an ulp of its largest entry apart
+            torch.testing.assert_close(grads[name], ref, rtol=1e-5,
+                                       atol=1e-5 * ref.abs().max().item(), msg=f"{name}, {case}")
 
 
 def test_ring_attention_matches_full_attention_cp1():

@@ -83,8 +83,9 @@ def test_llama2_7b_count_and_single_rank_memory(capsys):
     s, h, a, L, f, v = 4096, 4096, 32, 32, 11008, 32000
     layers = L * _llama_layer_bytes(s, 1, h, a, a, f)
     rotary = 2 * 4 * s * 128
-    # token ids; final norm, the output layer's input, the loss (softmax, targets, mask, loss mask)
-    ends = 8 * s + (2 * s * h + 4 * s) + 2 * s * h + s * (4 * v + 8 + 1 + 4)
+    # token ids; final norm, the output layer's input, the loss (bf16 exponentials, targets,
+    # mask, two fp32 values per token, loss mask)
+    ends = 8 * s + (2 * s * h + 4 * s) + 2 * s * h + s * (2 * v + 8 + 1 + 8 + 4)
     activations = layers + rotary + ends
     assert _gib(text, "weights") == f"{2 * n / GIB:.2f}"
     assert _gib(text, "gradients") == f"{4 * n / GIB:.2f}"

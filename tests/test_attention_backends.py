@@ -135,3 +135,17 @@ def test_model_with_each_backend(dropout):
     torch.testing.assert_close(loss_u, loss_f, rtol=1e-5, atol=0)
     for name in grads_f:
         torch.testing.assert_close(grads_u[name], grads_f[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_unfused_recompute_replays_its_dropout(recompute):
+    """Recomputation re-runs the unfused kernel in backward with the same dropout masks: grads
+    equal to keeping everything, bit for bit."""
+    from tests.test_model import _grads_with, tiny
+
+    cfg = tiny("llama", num_layers=2, attention_dropout=0.2, hidden_dropout=0.1,
+               attention_backend="unfused")
+    plain = _grads_with(cfg, None)
+    redone = _grads_with(cfg, recompute)
+    for name in plain:
+        torch.testing.assert_close(redone[name], plain[name], rtol=0, atol=0, msg=name)

@@ -203,6 +203,8 @@ PARITY_CASES = [  # (kind, overrides, tp, sequence_parallel)
     ("gpt2", {"num_attention_heads": 8}, 4, True),
     ("llama", {"num_attention_heads": 8, "num_query_groups": 4}, 4, False),
     ("llama", {"num_attention_heads": 8, "num_query_groups": 4}, 4, True),
+    ("llama", {"num_attention_heads": 8, "num_query_groups": 4, "attention_backend": "unfused"},
+     4, True),
 ]
 
 
@@ -251,6 +253,7 @@ def _assert_rel_close(got, expected, what):
 
 @pytest.mark.parametrize("case", range(len(PARITY_CASES)),
                          ids=[f"{k}-tp{tp}{'-sp' if sp else ''}{'-gqa' if o.get('num_query_groups') else ''}"
+                              f"{'-unfused' if o.get('attention_backend') else ''}"
                               for k, o, tp, sp in PARITY_CASES])
 def test_parity_with_single_process(four_ranks, case):
     kind, overrides, tp, sp = PARITY_CASES[case]

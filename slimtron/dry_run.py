@@ -11,7 +11,9 @@ optimizer ranges) and the stage's pipeline schedule, then runs one micro-batch f
 through every model chunk, counting what autograd saves (``slimtron.memory.SavedActivations``).
 The peak is weights + grads + optimizer state + the most activation bytes the schedule keeps live
 (each forward of a chunk adds what it saved; a backward under full recomputation briefly adds one
-recomputed group). Attention is counted as the flash kernel (SDPA flash / flash-attn) keeps it.
+recomputed group). Attention is counted as the kernel ``--attention-backend`` runs on a GPU: flash
+(SDPA flash / flash-attn) for ``auto``, ``flash`` and ``fused``; the unfused kernel's s x s
+probabilities for ``unfused`` and ``local``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ from slimtron.config import Config, ConfigError
 from slimtron.training.setup import (Engine, build_parallel_state, build_tokenizer_for,
                                      build_training_parts)
 
-ATTENTION_KERNEL = "flash (SDPA flash / flash-attn: q, k, v, output and logsumexp; no s x s scores)"
+ATTENTION_KERNELS = {
+    "flash": "flash (SDPA flash / flash-attn: q, k, v, output and logsumexp; no s x s scores)",
+    "unfused": "unfused (bmm + softmax over query blocks: q, k, v and about s x s / 2 "
+               "probabilities per head)",
+}
 META = torch.device("meta")
 
 
@@ -154,8 +160,9 @@ def rank_memory(engine: Engine, config: Config) -> memory.StageMemory:
 
 
 def report(config: Config, world_size: int, stages: list, as_json: bool = False) -> str:
+    kernel = memory.activation_spec(config).attention
     if as_json:
-        return json.dumps({"world_size": world_size, "attention_kernel": "flash",
+        return json.dumps({"world_size": world_size, "attention_kernel": kernel,
                            "stages": [s.as_json() for s in stages]})
     gib = 2.0 ** 30
     p, t = config.parallel, config.training
@@ -166,7 +173,7 @@ def report(config: Config, world_size: int, stages: list, as_json: bool = False)
              + f"), {config.optim.params_dtype_name}, micro-batch {t.micro_batch_size} x seq "
              f"{config.model.seq_length}, "
              f"{t.global_batch_size // (t.micro_batch_size * p.data_parallel_size)} micro-batches",
-             f"attention counted as: {ATTENTION_KERNEL}",
+             f"attention counted as: {ATTENTION_KERNELS[kernel]}",
              f"{'stage':>5} {'rank':>6} {'params':>14} {'weights':>8} {'grads':>8} {'optim':>8} "
              f"{'activ.':>8} {'in flight':>9} {'peak GiB':>9}"]
     for s in stages:

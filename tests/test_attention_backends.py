@@ -149,3 +149,13 @@ def test_unfused_recompute_replays_its_dropout(recompute):
     redone = _grads_with(cfg, recompute)
     for name in plain:
         torch.testing.assert_close(redone[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_dry_run_counts_the_unfused_kernel_when_asked(capsys):
+    from slimtron.dry_run import main
+
+    argv = ["--preset", "tiny-llama", "--mock-data", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--bf16", "--attention-dropout", "0.1", "--dry-run",
+            "--dry-run-world-size", "2"]
+    assert "attention counted as: flash" in main(argv)
+    assert "attention counted as: unfused" in main([*argv, "--attention-backend", "unfused"])

@@ -233,6 +233,7 @@ def test_dry_run_of_llama2_70b_at_512_ranks_as_json(capsys):
             "--global-batch-size", "1024", "--dry-run", "--dry-run-world-size", "512", "--json"]
     report = json.loads(main(argv))
     assert capsys.readouterr().out.strip() == json.dumps(report)
+    assert report["attention_kernel"] == "flash"  # auto plans the GPU's kernel
     stages = report["stages"]
     assert [s["stage"] for s in stages] == [0, 1, 2, 3]
     assert [s["rank"] for s in stages] == [0, 128, 256, 384]

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slimtron.model import kernels  # noqa: E402
-from slimtron.model.unfused_attention import QUERY_BLOCK  # noqa: E402
+from slimtron.model.unfused_attention import kept_probabilities  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -56,11 +56,6 @@ def time_backends(s: int, b: int, heads: int, groups: int, d: int, dtype: torch.
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def kept_probabilities_bytes(s: int, b: int, heads: int, dtype: torch.dtype) -> int:
-    blocks = [(start, min(start + QUERY_BLOCK, s)) for start in range(0, s, QUERY_BLOCK)]
-    return b * heads * sum((end - start) * end for start, end in blocks) * dtype.itemsize
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", type=int, default=12)
@@ -87,7 +82,7 @@ def main(argv=None) -> None:
             b = max(1, args.tokens // s)
             t = time_backends(s, b, args.heads, args.groups, args.head_dim, dtype, device,
                               args.repeats)
-            kept = kept_probabilities_bytes(s, b, args.heads, dtype) / 2 ** 20
+            kept = b * args.heads * kept_probabilities(s) * dtype.itemsize / 2 ** 20
             print(f"{name:>5} {s:5d} {b:5d} {t['flash'] * 1e3:13.1f} {t['unfused'] * 1e3:10.1f} "
                   f"{t['flash'] / t['unfused']:15.2f}x {kept:14.1f}", flush=True)
 

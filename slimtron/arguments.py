@@ -15,8 +15,9 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from slimtron.config import (PRESETS, Config, ConfigError, DataConfig, ModelConfig,
-                             OptimizerConfig, ParallelConfig, TrainingConfig, model_preset)
+from slimtron.config import (ATTENTION_BACKENDS, PRESETS, Config, ConfigError, DataConfig,
+                             ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig,
+                             model_preset)
 
 class _JoinedWords(argparse.Action):
     """One string from one or more words: Megatron's GPT-3 example expands its
@@ -51,7 +52,7 @@ _MODEL_FLAGS = [
     ("--untie-embeddings-and-output-weights", None, dict(action="store_true")),
     ("--hidden-dropout", None, dict(type=float)),
     ("--attention-dropout", None, dict(type=float)),
-    ("--attention-backend", None, dict(choices=["auto", "flash", "fused", "unfused", "local"],
+    ("--attention-backend", None, dict(choices=ATTENTION_BACKENDS,
                                        help="attention kernel: flash (flash-attn, else SDPA), "
                                             "fused (SDPA), unfused/local (bmm, softmax, bmm); "
                                             "auto: unfused for bf16/fp16 on CPU, flash otherwise")),

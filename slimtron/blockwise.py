@@ -13,14 +13,22 @@ import torch
 CPU_BLOCK_BYTES = 1 << 21  # fp32 bytes of one block of rows: within the L2 / L3 caches
 
 
+def spans(total: int, step: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of ``step`` items covering ``total`` (the last may be shorter)."""
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
 def row_blocks(rows: int, row_elements: int, device: torch.device) -> list[tuple[int, int]]:
     """[start, end) ranges of rows such that one range of fp32 rows fits CPU_BLOCK_BYTES (one
     range on other devices)."""
     if device.type != "cpu":
-        step = max(rows, 1)
-    else:
-        step = max(1, min(rows, CPU_BLOCK_BYTES // (4 * max(row_elements, 1))))
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+        return spans(rows, max(rows, 1))
+    return spans(rows, max(1, min(rows, CPU_BLOCK_BYTES // (4 * max(row_elements, 1)))))
+
+
+def row_buffer(blocks: list, columns: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The reused buffer of ``blocks`` (from ``row_blocks``): as many rows as the first block."""
+    return torch.empty(blocks[0][1] if blocks else 0, columns, dtype=dtype, device=device)
 
 
 def add_(accumulator: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
@@ -33,8 +41,6 @@ def add_(accumulator: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
     flat_acc, flat_add = accumulator.view(-1), addend.view(-1)
     width = CPU_BLOCK_BYTES // 4
     buffer = torch.empty(min(width, flat_add.numel()), dtype=accumulator.dtype)
-    for start in range(0, flat_add.numel(), width):
-        end = min(start + width, flat_add.numel())
-        block = buffer[:end - start].copy_(flat_add[start:end])
-        flat_acc[start:end].add_(block)
+    for start, end in spans(flat_add.numel(), width):
+        flat_acc[start:end].add_(buffer[:end - start].copy_(flat_add[start:end]))
     return accumulator

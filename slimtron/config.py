@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says which setting is wrong and why."""
 
 
+# --attention-backend: Megatron's values (slimtron.model.kernels says what each runs)
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+
+
 @dataclass
 class ModelConfig:
     num_layers: int = 2
@@ -42,7 +46,7 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    attention_backend: str = "auto"  # auto, flash, fused, unfused, local (slimtron.model.kernels)
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS (slimtron.model.kernels)
     init_method_std: float = 0.02
 
     def __post_init__(self):
@@ -66,9 +70,9 @@ class ModelConfig:
         if not 0.0 < self.rotary_percent <= 1.0 or rotary_dim != int(rotary_dim) or rotary_dim % 2:
             raise ConfigError(f"--rotary-percent {self.rotary_percent} must be in (0, 1] and give "
                               f"an even number of the {self.kv_channels} --kv-channels")
-        if self.attention_backend not in ("auto", "flash", "fused", "unfused", "local"):
-            raise ConfigError(f"--attention-backend must be auto, flash, fused, unfused or local, "
-                              f"got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend must be one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"--num-attention-heads {self.num_attention_heads} is not divisible "
                               f"by --num-query-groups {self.num_query_groups}")

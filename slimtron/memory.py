@@ -37,9 +37,10 @@ rotary embedding, attention by a fused SDPA / flash kernel), derived op by op:
 
 The RoPE cos/sin tables (8 s b d) are shared by a chunk's layers; the first chunk keeps the token
 ids, the last the final norm, the output layer's input, the kept exponentials of the fused
-vocab-parallel cross entropy (in the logits' dtype) and the loss mask. Selective recomputation keeps the attention core's inputs and
-output, so with a flash kernel it only drops the logsumexp. Full recomputation keeps each
-checkpoint's input (u h e) and rebuilds one checkpointed group at a time in backward.
+vocab-parallel cross entropy (in the logits' dtype) and the loss mask. Selective recomputation
+keeps the attention core's inputs and output, so with a flash kernel it only drops the logsumexp.
+Full recomputation keeps each checkpoint's input (u h e) and rebuilds one checkpointed group at a
+time in backward.
 
 The paper's (Korthikanti et al. 2022) forms, for GPT with 4h MLP, dropout and s x s scores, in
 16-bit: sbh(34 + 5as/h) with no parallelism; sbh(10 + 24/t + 5as/(ht)) with TP; /t with TP+SP;
@@ -178,15 +179,14 @@ def attention_core_bytes(model, spec: ActivationSpec) -> float:
 def _unfused_attention_bytes(model, spec: ActivationSpec) -> float:
     """The unfused kernel keeps its re-laid (and scaled) q, k and v, each query block's
     probabilities (and dropout mask); the projection keeps its input. No logsumexp, no mask."""
-    from slimtron.model.unfused_attention import QUERY_BLOCK
+    from slimtron.model.unfused_attention import kept_probabilities
 
     a, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
-    e, sb, t, s = spec.element_size, spec.tokens, spec.tp, spec.seq_length
-    probabilities = sum((min(start + QUERY_BLOCK, s) - start) * min(start + QUERY_BLOCK, s)
-                        for start in range(0, s, QUERY_BLOCK))
+    e, sb, t = spec.element_size, spec.tokens, spec.tp
     per_probability = e + (1 if spec.training and model.attention_dropout > 0 else 0)
-    heads = spec.micro_batch_size * a / t
-    return sb * (a + 2 * g) * d * e / t + sb * a * d * e / t + heads * probabilities * per_probability
+    probabilities = spec.micro_batch_size * a / t * kept_probabilities(spec.seq_length)
+    q_k_v_and_output = sb * (a + 2 * g) * d * e / t + sb * a * d * e / t
+    return q_k_v_and_output + probabilities * per_probability
 
 
 def document_mask_bytes(spec: ActivationSpec) -> float:

@@ -62,9 +62,6 @@ def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
-ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
-
-
 def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """What ``--attention-backend`` runs for ``dtype`` tensors on ``device``: "unfused" or "flash"
     (flash-attn where usable, else SDPA). The meta device (the dry run) stands for a GPU."""
@@ -214,8 +211,7 @@ class _SwiGLU(torch.autograd.Function):
         half = rows.shape[-1] // 2
         out = torch.empty(rows.shape[0], half, dtype=x.dtype, device=x.device)
         blocks = blockwise.row_blocks(rows.shape[0], rows.shape[-1], x.device)
-        buffer = torch.empty(blocks[0][1], rows.shape[-1], dtype=torch.float32, device=x.device) \
-            if blocks else None
+        buffer = blockwise.row_buffer(blocks, rows.shape[-1], torch.float32, x.device)
         for start, end in blocks:
             xf = buffer[:end - start].copy_(rows[start:end])
             out[start:end] = F.silu(xf[:, :half]).mul_(xf[:, half:])
@@ -229,8 +225,7 @@ class _SwiGLU(torch.autograd.Function):
         grad = grad.reshape(-1, half)
         out = torch.empty_like(rows)
         blocks = blockwise.row_blocks(rows.shape[0], rows.shape[-1], x.device)
-        buffer = torch.empty(blocks[0][1] if blocks else 0, rows.shape[-1] + half,
-                             dtype=torch.float32, device=x.device)
+        buffer = blockwise.row_buffer(blocks, rows.shape[-1] + half, torch.float32, x.device)
         for start, end in blocks:
             xf = buffer[:end - start, :2 * half].copy_(rows[start:end])
             gate, up = xf[:, :half], xf[:, half:]

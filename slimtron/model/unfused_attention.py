@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from slimtron import blockwise
+
 QUERY_BLOCK = 128  # query positions per block (bench/attention.py: 64-128 fastest on CPU)
 
 
@@ -45,8 +47,9 @@ def unfused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(b, groups, s, per_group, d).permute(2, 0, 1, 3, 4).reshape(s, b, heads * d)
 
 
-def _blocks(s: int, block: int):
-    return [(start, min(start + block, s)) for start in range(0, s, block)]
+def kept_probabilities(s: int, block: int = QUERY_BLOCK) -> int:
+    """Probabilities kept per head for a sequence of ``s``: each query block's rows x keys."""
+    return sum((end - start) * end for start, end in blockwise.spans(s, block))
 
 
 def _mask_scores(scores: torch.Tensor, start: int, end: int, per_group: int, batch: int,
@@ -88,7 +91,7 @@ class _UnfusedCausalAttention(torch.autograd.Function):
         bg, s = keys.shape[0], keys.shape[1]
         batch = segment_ids.shape[0] if segment_ids is not None else bg
         probs, kept, outs = [], [], []
-        for start, end in _blocks(s, block):
+        for start, end in blockwise.spans(s, block):
             scores = torch.bmm(rows[:, start * per_group:end * per_group], keys[:, :end].mT)
             _mask_scores(scores, start, end, per_group, batch, segment_ids)
             p = torch.softmax(scores, dim=-1)
@@ -107,7 +110,7 @@ class _UnfusedCausalAttention(torch.autograd.Function):
         rows, keys, values, *saved = ctx.saved_tensors
         per_group, dropout_p = ctx.per_group, ctx.dropout_p
         s = keys.shape[1]
-        blocks = _blocks(s, ctx.block)
+        blocks = blockwise.spans(s, ctx.block)
         probs, kept = saved[:len(blocks)], saved[len(blocks):]
         grad_out = grad_out.contiguous()
         accumulate = torch.float64 if keys.dtype == torch.float64 else torch.float32

@@ -24,6 +24,7 @@ from slimtron import blockwise
 from slimtron.parallel import comm
 from slimtron.parallel.state import Axis
 
+
 def _group(tp: Optional[Axis]):
     """The tensor-parallel group (None: one process, nothing to reduce)."""
     return None if tp is None else tp.group
@@ -42,7 +43,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         first_padded = max(vocab_size - vocab_start, 0)  # local column of the first padded row
         math = _math_dtype(x.dtype)
         blocks = blockwise.row_blocks(rows, per_rank, x.device)
-        block = torch.empty(blocks[0][1] if blocks else 0, per_rank, dtype=math, device=x.device)
+        block = blockwise.row_buffer(blocks, per_rank, math, x.device)
         exps = torch.empty_like(x)  # exp(x - local row max), kept for backward
         local_max = torch.empty(rows, dtype=math, device=x.device)
         local_sum = torch.empty(rows, dtype=math, device=x.device)
@@ -82,8 +83,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_grad = (target_exp * scale - grad_loss).unsqueeze(-1)
         rows, per_rank = exps.shape
         blocks = blockwise.row_blocks(rows, per_rank, exps.device)
-        block = torch.empty(blocks[0][1] if blocks else 0, per_rank, dtype=per_row.dtype,
-                            device=exps.device)
+        block = blockwise.row_buffer(blocks, per_rank, per_row.dtype, exps.device)
         grad = exps  # in place: backward through this loss runs once
         for start, end in blocks:
             b = block[:end - start]
